@@ -1,0 +1,88 @@
+"""Which model class serves which checkpoint architecture, and building one from a state dict."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from nextok.models.attention import AttentionMetadata, LayerKV
+from nextok.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from nextok.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+class CausalLM(Protocol):
+    """What the engine needs of a model."""
+
+    kv_shape: tuple[int, int, int]  # (layers, kv heads, head dim)
+    max_positions: int
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[LayerKV] | None = None, attn_meta: AttentionMetadata | None = None) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+ARCHITECTURES: dict[str, tuple[type[nn.Module], Any]] = {
+    "GPT2LMHeadModel": (GPT2LMHeadModel, GPT2Config),
+    "LlamaForCausalLM": (LlamaForCausalLM, LlamaConfig),
+    "MistralForCausalLM": (LlamaForCausalLM, LlamaConfig),
+    "Qwen2ForCausalLM": (LlamaForCausalLM, LlamaConfig),
+}
+MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+
+# Checkpoint entries that are buffers, not weights (old GPT-2 files carry the causal mask).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def architecture_of(config: dict[str, Any]) -> str:
+    for arch in config.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return arch
+    if config.get("model_type") in MODEL_TYPES:
+        return MODEL_TYPES[config["model_type"]]
+    named = config.get("architectures") or config.get("model_type")
+    raise ValueError(f"unsupported architecture {named!r}; supported: {', '.join(ARCHITECTURES)}")
+
+
+def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Instantiate the architecture named by an HF config and load its weights (no copies where possible)."""
+    model_cls, config_cls = ARCHITECTURES[architecture_of(config)]
+    if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
+        window = config["sliding_window"]
+        if window < config.get("max_position_embeddings", 0):
+            raise ValueError(f"Mistral sliding_window={window} is not supported (contexts are full attention)")
+    with torch.device("meta"):
+        model = model_cls(config_cls.from_hf(config))
+    weights = {k: v.to(dtype) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    expected = set(model.state_dict())
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = expected - set(weights), set(weights) - expected
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit {model_cls.__name__}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(weights, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = _embedding(model).weight
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (rotary frequencies) are rebuilt on the CPU
+            _rebuild_buffers(model, config)
+            break
+    return model.eval().requires_grad_(False)
+
+
+def _embedding(model: nn.Module) -> nn.Embedding:
+    return model.transformer.wte if isinstance(model, GPT2LMHeadModel) else model.model.embed_tokens
+
+
+def _rebuild_buffers(model: nn.Module, config: dict[str, Any]) -> None:
+    if isinstance(model, LlamaForCausalLM):
+        from nextok.models.llama import RotaryEmbedding
+
+        model.model.rotary_emb = RotaryEmbedding(model.config)

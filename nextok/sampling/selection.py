@@ -1,0 +1,68 @@
+"""Choosing the next token for a batch of rows: penalties, warpers, greedy or sampled, logprobs.
+
+One call handles every greedy and sampled row of a step together; beam rows get their processed
+log-probabilities here and are then ranked per request by `BeamSearch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nextok.sampling.processors import RowBatch, apply_penalties, apply_warpers, processors_change_argmax
+from nextok.sampling.sampler import greedy, mix_seed, sample, top_logprobs
+
+
+@dataclass
+class SelectedTokens:
+    tokens: list[int]
+    logprobs: list[float]  # the chosen token's log-probability under the model
+    top_logprobs: list[dict[int, float] | None]
+
+
+def row_batch(seqs: list) -> RowBatch:
+    return RowBatch(
+        params=[s.params for s in seqs],
+        token_ids=[s.token_ids for s in seqs],
+        num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
+        eos_token_ids=[list(s.request.eos_token_ids) for s in seqs],
+    )
+
+
+def select_tokens(seqs: list, logits: torch.Tensor) -> SelectedTokens:
+    """Greedy and sampled rows: logits (B, V) -> one token per row."""
+    batch = row_batch(seqs)
+    model_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+    scores = logits
+    if any(processors_change_argmax(p) for p in batch.params):
+        scores = apply_penalties(logits.clone(), batch)
+    tokens = greedy(scores)  # (B,)
+    sampled = [i for i, p in enumerate(batch.params) if p.do_sample]
+    if sampled:
+        rows = torch.tensor(sampled)
+        warped = apply_warpers(scores if scores is not logits else logits.clone(), batch)
+        seeds = torch.tensor([mix_seed(seqs[i].request.seed, seqs[i].sample_index) for i in sampled])
+        counters = torch.tensor([seqs[i].num_output_tokens for i in sampled])
+        tokens[rows] = sample(warped[rows], seeds, counters)
+    chosen = model_logprobs.gather(1, tokens[:, None])[:, 0]  # (B,)
+    top: list[dict[int, float] | None] = [None] * len(seqs)
+    wanted = max((p.logprobs or 0 for p in batch.params if p.logprobs is not None), default=None)
+    if wanted is not None:
+        alternatives = top_logprobs(model_logprobs, tokens, max(wanted, 1))
+        ids, values = alternatives.ids.tolist(), alternatives.values.tolist()
+        for i, (s, t, lp) in enumerate(zip(seqs, tokens.tolist(), chosen.tolist())):
+            if s.params.logprobs is not None:
+                k = s.params.logprobs
+                top[i] = {t: lp} | {a: v for a, v in zip(ids[i][:k], values[i][:k]) if a != t}
+    return SelectedTokens(tokens=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=top)
+
+
+def select_beam_logprobs(seqs: list, logits: torch.Tensor, num_eos: int) -> torch.Tensor:
+    """Beam rows of one request: processed log-probabilities, as transformers' beam search makes them."""
+    batch = row_batch(seqs)
+    logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+    logprobs = apply_penalties(logprobs, batch)
+    if batch.params[0].do_sample:
+        logprobs = apply_warpers(logprobs, batch, min_tokens_to_keep=[num_eos + 1] * len(seqs))
+    return logprobs
