@@ -36,12 +36,12 @@ def select_tokens(seqs: list, logits: torch.Tensor) -> SelectedTokens:
     model_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     scores = logits
     if any(processors_change_argmax(p) for p in batch.params):
-        scores = apply_penalties(logits.clone(), batch)
+        scores = apply_penalties(logits, batch)
     tokens = greedy(scores)  # (B,)
     sampled = [i for i, p in enumerate(batch.params) if p.do_sample]
     if sampled:
         rows = torch.tensor(sampled)
-        warped = apply_warpers(scores if scores is not logits else logits.clone(), batch)
+        warped = apply_warpers(scores, batch)
         seeds = torch.tensor([mix_seed(seqs[i].request.seed, seqs[i].sample_index) for i in sampled])
         counters = torch.tensor([seqs[i].num_output_tokens for i in sampled])
         tokens[rows] = sample(warped[rows], seeds, counters)
@@ -64,5 +64,5 @@ def select_beam_logprobs(seqs: list, logits: torch.Tensor, num_eos: int) -> torc
     logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     logprobs = apply_penalties(logprobs, batch)
     if batch.params[0].do_sample:
-        logprobs = apply_warpers(logprobs, batch, min_tokens_to_keep=[num_eos + 1] * len(seqs))
+        logprobs = apply_warpers(logprobs, batch, min_tokens_to_keep=[num_eos + 1 if num_eos else 2] * len(seqs))
     return logprobs

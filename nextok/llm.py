@@ -1,0 +1,199 @@
+"""LLM: load a model and its tokenizer, then generate or stream; a thin layer over the engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nextok.engine.engine import LLMEngine
+from nextok.engine.sequence import Request
+from nextok.models.loader import Checkpoint, default_model_path, load_checkpoint
+from nextok.models.quantize import quantize_int8
+from nextok.models.registry import build_model
+from nextok.outputs import RequestOutput
+from nextok.params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": "int8"}
+
+
+class LLM:
+    """A causal language model with nextok's decoding.
+
+    >>> llm = LLM()                                   # the embedded default model
+    >>> llm.generate("I enjoy walking with my cute dog", SamplingParams(max_new_tokens=20))
+
+    model: an HF model folder, a .gguf file, or None for $NEXTOK_MODEL / the default model.
+    dtype: "float32" (exact), "bfloat16", "float16", "int8" (weight-only) or "auto" (fastest
+    that this machine runs well). kv_cache_memory: bytes for the KV cache (default: sized from
+    free memory).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 4096,
+    ) -> None:
+        if dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype={dtype!r} is not supported: use one of auto, {', '.join(DTYPES)}")
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        path = Path(model) if model is not None else default_model_path()
+        checkpoint: Checkpoint = load_checkpoint(path)
+        self.model_path = path
+        self.config = checkpoint.config
+        self.generation_config = checkpoint.generation_config
+        self.tokenizer = checkpoint.tokenizer
+        weights_dtype = torch.bfloat16 if self.dtype == "int8" else self.dtype
+        self.model = build_model(checkpoint.config, checkpoint.state_dict, weights_dtype).to(self.device)
+        if self.dtype == "int8":
+            quantize_int8(self.model)
+        del checkpoint
+        self.eos_token_ids = _eos_token_ids(self.config, self.generation_config, self.tokenizer)
+        self.engine = LLMEngine(
+            self.model, self.eos_token_ids, tokenizer=self.tokenizer, kv_cache_memory=kv_cache_memory,
+            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            device=self.device,
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.stem if self.model_path.suffix == ".gguf" else self.model_path.name
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: str | list[str] | None = None,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        prompt_token_ids: list[list[int]] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (continuously batched); one RequestOutput per prompt, in input order."""
+        texts, ids = self._prompts(prompts, prompt_token_ids)
+        params_list = self._params(params, len(ids))
+        requests: list[Request] = []
+        try:
+            for text, tokens, p in zip(texts, ids, params_list):
+                requests.append(self.engine.add_request(tokens, p, prompt=text))
+        except Exception:
+            for r in requests:
+                self.engine.abort(r)
+            raise
+        show = use_tqdm if use_tqdm is not None else len(requests) > 1 and sys.stderr.isatty()
+        with tqdm(total=len(requests), disable=not show, desc="generating", unit="req") as bar:
+            done = sum(r.is_finished for r in requests)
+            bar.update(done)
+            while self.engine.has_unfinished():
+                self.engine.step()
+                now = sum(r.is_finished for r in requests)
+                bar.update(now - done)
+                done = now
+        return [self.engine.output(r) for r in requests]
+
+    def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas as they are decoded (the first sample; beam search yields its best at the end)."""
+        (text,), (tokens,) = self._prompts(prompt, None)
+        p = self._params(params, 1)[0]
+        request = self.engine.add_request(tokens, p, prompt=text, stream=True)
+        try:
+            yield from self.stream_request(request)
+        finally:
+            if not request.is_finished:
+                self.engine.abort(request)
+
+    def stream_request(self, request: Request) -> Iterator[str]:
+        """Drive the engine and yield the request's new text; holds back what a stop string may still cut."""
+        emitted = 0
+        holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        while True:
+            finished = request.is_finished
+            if request.beam is None and (request.seqs or request.finished_seqs):
+                seq = min(request.seqs + request.finished_seqs, key=lambda s: s.sample_index)
+                end = len(seq.text) if seq.finish_reason is not None else max(emitted, len(seq.text) - holdback)
+                if end > emitted:
+                    yield seq.text[emitted:end]
+                    emitted = end
+            if finished:
+                break
+            self.engine.step()
+        if request.beam is not None:
+            best = self.engine.output(request).outputs
+            if best:
+                yield best[0].text
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """One chat turn with the model's chat template."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(prompt, params, use_tqdm=False)[0]
+
+    # ------------------------------------------------------------------ helpers
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def _prompts(self, prompts, prompt_token_ids) -> tuple[list[str | None], list[list[int]]]:
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("give either prompts (text) or prompt_token_ids, not both or neither")
+        if prompt_token_ids is not None:
+            if prompt_token_ids and isinstance(prompt_token_ids[0], int):
+                prompt_token_ids = [prompt_token_ids]
+            return [None] * len(prompt_token_ids), [list(p) for p in prompt_token_ids]
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a string or a list of strings")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompt_token_ids instead of text")
+        return list(prompts), self.tokenizer.encode_batch(list(prompts))
+
+    def _params(self, params, n: int) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; give one, or one per prompt")
+        return [p.with_model_defaults(self.generation_config) for p in params]
+
+
+def _eos_token_ids(config: dict, generation_config: dict, tokenizer) -> list[int]:
+    for source in (generation_config.get("eos_token_id"), config.get("eos_token_id")):
+        if source is not None:
+            return [source] if isinstance(source, int) else list(source)
+    return list(tokenizer.eos_token_ids) if tokenizer is not None else []
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a device: use auto, cpu or cuda") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is available: use device='cpu'")
+    return resolved
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _resolve_dtype(dtype: str, device: torch.device):
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
