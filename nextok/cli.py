@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(gen)
     add_sampling_flags(gen)
     gen.set_defaults(func=_generate)
+    # Subcommands defined beside the code they drive; each module adds its own parser.
     return parser
 
 
