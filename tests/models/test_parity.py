@@ -1,0 +1,109 @@
+"""Logits of nextok's own models equal transformers' for the same weights (float32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nextok.models.attention import AttentionMetadata
+
+from .helpers import gpt2_pair, llama_pair
+
+LLAMA_SHAPES = {
+    "gqa-untied": dict(),
+    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "mqa-odd-heads": dict(hidden_size=60, num_attention_heads=5, num_key_value_heads=1, head_dim=12),
+    "qkv-bias": dict(attention_bias=True),
+    "llama3-rope": dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                 high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "qwen2": dict(qwen2=True, num_key_value_heads=2),
+}
+GPT2_SHAPES = {
+    "small": dict(),
+    "odd-heads": dict(n_embd=60, n_head=5),
+    "three-layers": dict(n_layer=3, n_head=2),
+}
+
+
+def _pairs():
+    for name, cfg in LLAMA_SHAPES.items():
+        yield pytest.param(lambda cfg=cfg: llama_pair(**cfg), id=f"llama-{name}")
+    for name, cfg in GPT2_SHAPES.items():
+        yield pytest.param(lambda cfg=cfg: gpt2_pair(**cfg), id=f"gpt2-{name}")
+
+
+@pytest.fixture(params=list(_pairs()))
+def pair(request):
+    return request.param()
+
+
+def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.compute_logits(model(ids, torch.arange(len(ids))))
+
+
+def cached_logits(model, ids: torch.Tensor, prefill: int, block_size: int = 4) -> torch.Tensor:
+    """Prefill the first tokens into a paged cache, then decode the rest one token at a time."""
+    layers, n_kv, head_dim = model.kv_shape
+    num_blocks = 64
+    caches = [(torch.zeros(num_blocks, block_size, n_kv, head_dim), torch.zeros(num_blocks, block_size, n_kv, head_dim))
+              for _ in range(layers)]
+    table = list(range(num_blocks - 1, 0, -3))  # scattered, out-of-order blocks
+    slot = lambda p: table[p // block_size] * block_size + p % block_size  # noqa: E731
+    rows = []
+    with torch.inference_mode():
+        meta = AttentionMetadata(slot_mapping=torch.tensor([slot(p) for p in range(prefill)]), prefill_lens=[prefill])
+        rows.append(model.compute_logits(model(ids[:prefill], torch.arange(prefill), caches, meta)))
+        for p in range(prefill, len(ids)):
+            width = p // block_size + 1
+            meta = AttentionMetadata(slot_mapping=torch.tensor([slot(p)]), block_tables=torch.tensor([table[:width]]),
+                                     context_lens=torch.tensor([p + 1]))
+            meta.build_decode_mask(block_size)
+            rows.append(model.compute_logits(model(ids[p:p + 1], torch.tensor([p]), caches, meta)))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_all_positions_match_transformers(pair, length):
+    ref, ours = pair
+    ids = torch.randint(0, 320, (length,), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    got = full_logits(ours, ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got[-1] - expected[-1]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("prefill", [1, 5, 12])
+def test_prefill_then_decode_equals_full_forward(pair, prefill):
+    _, ours = pair
+    ids = torch.randint(0, 320, (21,), generator=torch.Generator().manual_seed(prefill))
+    full = full_logits(ours, ids)
+    cached = cached_logits(ours, ids, prefill)
+    assert cached.shape == full.shape
+    assert (cached - full).abs().max().item() < 1e-4
+
+
+def test_batched_decode_rows_are_independent():
+    """Two sequences of different lengths decoded in one batch give their solo logits."""
+    _, ours = llama_pair()
+    a = torch.randint(0, 320, (9,), generator=torch.Generator().manual_seed(1))
+    b = torch.randint(0, 320, (14,), generator=torch.Generator().manual_seed(2))
+    full_a, full_b = full_logits(ours, a), full_logits(ours, b)
+    layers, n_kv, head_dim = ours.kv_shape
+    bs = 4
+    caches = [(torch.zeros(16, bs, n_kv, head_dim), torch.zeros(16, bs, n_kv, head_dim)) for _ in range(layers)]
+    table_a, table_b = [0, 1, 2], [3, 4, 5, 6]
+    slots = lambda t, ps: [t[p // bs] * bs + p % bs for p in ps]  # noqa: E731
+    with torch.inference_mode():
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots(table_a, range(8)) + slots(table_b, range(13))),
+                                 prefill_lens=[8, 13])
+        ours(torch.cat([a[:8], b[:13]]), torch.cat([torch.arange(8), torch.arange(13)]), caches, meta)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots(table_a, [8]) + slots(table_b, [13])),
+                                 block_tables=torch.tensor([table_a + [0], table_b]),
+                                 context_lens=torch.tensor([9, 14]))
+        meta.build_decode_mask(bs)
+        logits = ours.compute_logits(ours(torch.stack([a[8], b[13]]), torch.tensor([8, 13]), caches, meta))
+    assert (logits[0] - full_a[-1]).abs().max().item() < 1e-4
+    assert (logits[1] - full_b[-1]).abs().max().item() < 1e-4
