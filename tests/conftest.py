@@ -15,6 +15,24 @@ def default_gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_default_model():
+    """transformers' own float32 load of the default GGUF: the reference for the default model."""
+    import transformers
+
+    path = default_gguf_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """nextok's float32 load of the default model (exact mode)."""
+    from nextok import LLM
+
+    return LLM(dtype="float32", kv_cache_memory=256 << 20)
+
+
+@pytest.fixture(scope="session")
 def default_tokenizer():
     from nextok.tokenizer import Tokenizer
 
