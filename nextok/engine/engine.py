@@ -234,7 +234,7 @@ class LLMEngine:
 
 
 def default_kv_cache_memory() -> int:
-    """A quarter of the memory available now, at most 4 GiB and at least 256 MiB."""
+    """A quarter of the memory available now, at most 2 GiB and at least 256 MiB."""
     available = 2 << 30
     try:
         with open("/proc/meminfo") as f:
@@ -244,4 +244,4 @@ def default_kv_cache_memory() -> int:
                     break
     except OSError:
         pass
-    return int(min(max(available // 4, 256 << 20), 4 << 30))
+    return int(min(max(available // 4, 256 << 20), 2 << 30))

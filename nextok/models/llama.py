@@ -110,6 +110,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """A linear layer whose output is the concatenation of the given layers' outputs."""
+    weight = torch.cat([lin.weight for lin in linears])  # (sum of outs, in)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+    return fused
+
+
 class LlamaRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -134,11 +145,20 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, hidden, bias=config.o_proj_bias)
         self.scale = self.head_dim**-0.5
 
+    def fuse(self) -> None:
+        """One q/k/v projection instead of three (one GEMM per layer); the checkpoint names are gone after."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x, cos, sin, kv: LayerKV | None, meta: AttentionMetadata | None) -> torch.Tensor:
-        n = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(n, self.n_head, self.head_dim), cos, sin)  # (N, H, D)
-        k = apply_rotary(self.k_proj(x).view(n, self.n_kv, self.head_dim), cos, sin)  # (N, Hkv, D)
-        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
+        n, heads = x.shape[0], self.n_head + 2 * self.n_kv
+        if hasattr(self, "qkv_proj"):
+            qkv = self.qkv_proj(x).view(n, heads, self.head_dim)  # (N, H + 2 Hkv, D)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, heads, self.head_dim)
+        qk = apply_rotary(qkv[:, : self.n_head + self.n_kv], cos, sin)  # (N, H + Hkv, D): q and k rotate together
+        q, k = qk.split([self.n_head, self.n_kv], dim=1)
+        v = qkv[:, self.n_head + self.n_kv:]  # (N, Hkv, D)
         return self.o_proj(attend(q, k, v, kv, meta, self.scale))
 
 
@@ -150,8 +170,17 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
+    def fuse(self) -> None:
+        """One gate/up projection instead of two."""
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, inner) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -212,3 +241,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) float32
         return self.lm_head(hidden).float()
+
+    def fuse(self) -> LlamaForCausalLM:
+        """Fuse q/k/v and gate/up projections for inference (fewer, larger matrix products)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self

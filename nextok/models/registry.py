@@ -48,8 +48,12 @@ def architecture_of(config: dict[str, Any]) -> str:
 
 
 def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
-                dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Instantiate the architecture named by an HF config and load its weights (no copies where possible)."""
+                dtype: torch.dtype = torch.float32, fuse: bool = True) -> nn.Module:
+    """Instantiate the architecture named by an HF config and load its weights.
+
+    fuse: merge projections that read the same input (q/k/v, gate/up) into one matrix product
+    after loading, as inference wants them.
+    """
     model_cls, config_cls = ARCHITECTURES[architecture_of(config)]
     if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
         window = config["sliding_window"]
@@ -74,7 +78,10 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
         if buf.is_meta:  # non-persistent buffers (rotary frequencies) are rebuilt on the CPU
             _rebuild_buffers(model, config)
             break
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if fuse and hasattr(model, "fuse"):
+        model.fuse()
+    return model
 
 
 def _embedding(model: nn.Module) -> nn.Embedding:
