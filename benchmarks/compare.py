@@ -1,0 +1,13 @@
+"""nextok vs transformers, llama.cpp and CTranslate2 on the default model: one run, one table.
+
+    .venv/bin/python benchmarks/compare.py [--scale 0.25] [--workloads greedy-1,beam-5] [--engines ...]
+
+Same as `nextok bench`; llama.cpp and CTranslate2 columns appear once `make bench-peers` installed them.
+"""
+
+import sys
+
+from nextok.bench import build_parser, run_bench
+
+if __name__ == "__main__":
+    sys.exit(run_bench(build_parser().parse_args()))
