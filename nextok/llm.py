@@ -135,6 +135,16 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, params, use_tqdm=False)[0]
 
+    def trace(self, prompt: str, params: SamplingParams | None = None, top: int = 20) -> "nextok.explain.Trace":
+        """Generate for one prompt and record how each token was chosen (`top` candidates per step).
+
+        The trace's outputs equal `generate(prompt, params)` for the same seed; see nextok.explain.
+        """
+        from nextok.explain.recorder import trace_request
+
+        (text,), (tokens,) = self._prompts(prompt, None)
+        return trace_request(self, tokens, self._params(params, 1)[0], prompt=text, top=top)
+
     # ------------------------------------------------------------------ helpers
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
