@@ -141,7 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(gen)
     add_sampling_flags(gen)
     gen.set_defaults(func=_generate)
-    # Subcommands defined beside the code they drive; each module adds its own parser.
+    # Subcommands defined beside the code they drive; imported here so `nextok --help` stays quick
+    # for the rest (the server and Ray are only loaded by their own commands).
+    from nextok.batch import register_batch_command
+    from nextok.bench import register_bench_command
+    from nextok.explain.command import register_explain_command
+    from nextok.server.cli import register_serve_command
+
+    for register in (register_batch_command, register_serve_command, register_explain_command,
+                     register_bench_command):
+        register(sub)
     return parser
 
 
