@@ -74,13 +74,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help="weights dtype: float32 is exact, auto picks the fastest this machine runs well")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: from free memory)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the layers' element-wise stages: slower start, faster steps")
 
 
 def load_llm(args: argparse.Namespace):
     from nextok.llm import LLM
 
     memory = None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30))
-    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=memory)
+    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=memory, compile=args.compile)
 
 
 def _early_stopping(value: str) -> bool | str:

@@ -9,6 +9,7 @@ from torch import nn
 
 from nextok.models.attention import AttentionMetadata, LayerKV
 from nextok.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from nextok.models.linear import transpose_linears
 from nextok.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -51,8 +52,8 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
                 dtype: torch.dtype = torch.float32, fuse: bool = True) -> nn.Module:
     """Instantiate the architecture named by an HF config and load its weights.
 
-    fuse: merge projections that read the same input (q/k/v, gate/up) into one matrix product
-    after loading, as inference wants them.
+    fuse: lay the weights out for inference after loading: projections that read the same input
+    (q/k/v, gate/up) become one matrix product, and float32 matrices are stored transposed.
     """
     model_cls, config_cls = ARCHITECTURES[architecture_of(config)]
     if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
@@ -81,6 +82,8 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     model.eval().requires_grad_(False)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
+    if fuse and dtype == torch.float32:
+        transpose_linears(model)
     return model
 
 

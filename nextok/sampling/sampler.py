@@ -51,27 +51,33 @@ def mix_seed(seed: int, stream: int) -> int:
 
 
 def random_uniform(
-    seeds: torch.Tensor, counters: torch.Tensor, n: int, dtype: torch.dtype = torch.float64
+    seeds: torch.Tensor, counters: torch.Tensor, n: int, dtype: torch.dtype = torch.float64,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) int64 seeds and counters -> (B, n) uniforms in the open interval (0, 1).
 
     Column j of row b is a hash of (seeds[b], counters[b], j) only. float64 uses 53 random bits,
-    float32 23 (so that (k + 0.5) / 2**23 is exact and strictly inside (0, 1)).
+    float32 23 (so that (k + 0.5) / 2**23 is exact and strictly inside (0, 1)). With `columns`
+    (B, K) given, only those columns are drawn: the values equal the full draw's at those columns.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"random_uniform dtype={dtype} is not supported: use torch.float32 or torch.float64.")
     seeds, counters = seeds.to(torch.long), counters.to(torch.long)
     state = _mix(_mix(seeds + _GOLDEN) ^ counters)  # (B,): one splitmix64 stream per row
-    columns = torch.arange(1, n + 1, dtype=torch.long, device=seeds.device)  # (n,)
-    bits = _mix(state.unsqueeze(1) + columns * _GOLDEN)  # (B, n)
+    if columns is None:
+        index = torch.arange(1, n + 1, dtype=torch.long, device=seeds.device)[None, :]  # (1, n)
+    else:
+        index = columns.to(torch.long) + 1  # (B, K)
+    bits = _mix(state.unsqueeze(1) + index * _GOLDEN)  # (B, n) or (B, K)
     precision = 53 if dtype == torch.float64 else 23
-    top = _shr(bits, 64 - precision)  # (B, n), in [0, 2**precision)
-    return (top.to(dtype) + 0.5) * (2.0 ** -precision)  # (B, n), exact, in (0, 1)
+    top = _shr(bits, 64 - precision)  # in [0, 2**precision)
+    return (top.to(dtype) + 0.5) * (2.0 ** -precision)  # exact, in (0, 1)
 
 
-def _gumbel(shape_like: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+def _gumbel(shape_like: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor,
+            columns: torch.Tensor | None = None) -> torch.Tensor:
     """-log(Exp(1)) noise shaped like (B, N) logits, computed in float64, cast to the logits' dtype."""
-    uniform = random_uniform(seeds, counters, shape_like.shape[-1])  # (B, N) float64
+    uniform = random_uniform(seeds, counters, shape_like.shape[-1], columns=columns)  # (B, N) float64
     exponential = -torch.log(uniform)  # (B, N), Exp(1), strictly positive
     return (-torch.log(exponential)).to(shape_like.dtype)  # (B, N)
 
@@ -80,8 +86,15 @@ def sample(logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) ->
     """(B, V) processed logits (may hold -inf) -> (B,) int64 token ids drawn from softmax(logits).
 
     The exponential race argmax(probs / Exp(1)) == argmax(logits - log Exp(1)) (Gumbel-max):
-    no multinomial, no host sync. A -inf logit never wins unless the whole row is -inf.
+    no multinomial. A -inf logit never wins unless the whole row is -inf. When the warpers left
+    few finite logits (top-k, top-p), noise is drawn for those tokens only: the same noise the full
+    draw would give them, so the result is identical, at a fraction of the cost.
     """
+    width = int(torch.isfinite(logits).sum(-1).max())
+    if 0 < width <= logits.shape[-1] // 8:
+        candidate_logits, candidates = torch.topk(logits, width, dim=-1)  # (B, width): every finite logit
+        noisy = candidate_logits + _gumbel(candidate_logits, seeds, counters, columns=candidates)
+        return candidates.gather(1, torch.argmax(noisy, dim=-1, keepdim=True))[:, 0]  # (B,)
     return torch.argmax(logits + _gumbel(logits, seeds, counters), dim=-1)  # (B,)
 
 

@@ -37,8 +37,8 @@ def select_tokens(seqs: list, logits: torch.Tensor) -> SelectedTokens:
     scores = logits
     if any(processors_change_argmax(p) for p in batch.params):
         scores = apply_penalties(logits, batch)
-    tokens = greedy(scores)  # (B,)
     sampled = [i for i, p in enumerate(batch.params) if p.do_sample]
+    tokens = greedy(scores) if len(sampled) < len(seqs) else torch.empty(len(seqs), dtype=torch.long, device=logits.device)
     if sampled:
         rows = torch.tensor(sampled)
         warped = apply_warpers(scores, batch)

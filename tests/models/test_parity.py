@@ -107,3 +107,13 @@ def test_batched_decode_rows_are_independent():
         logits = ours.compute_logits(ours(torch.stack([a[8], b[13]]), torch.tensor([8, 13]), caches, meta))
     assert (logits[0] - full_a[-1]).abs().max().item() < 1e-4
     assert (logits[1] - full_b[-1]).abs().max().item() < 1e-4
+
+
+def test_compiled_stages_match_eager():
+    """LLM(compile=True): the torch.compile'd layer stages give the eager logits, prefill and decode."""
+    ref, ours = llama_pair(seed=9)
+    ids = torch.randint(0, 320, (13,), generator=torch.Generator().manual_seed(9))
+    eager_full, eager_cached = full_logits(ours, ids), cached_logits(ours, ids, prefill=6)
+    ours.compile_stages()
+    assert (full_logits(ours, ids) - eager_full).abs().max().item() < 1e-4
+    assert (cached_logits(ours, ids, prefill=6) - eager_cached).abs().max().item() < 1e-4

@@ -181,3 +181,19 @@ def test_top_logprobs():
     assert torch.equal(out.values, logprobs.gather(1, out.ids))
     assert torch.equal(out.values, logprobs.sort(dim=-1, descending=True).values[:, :5])
     assert top_logprobs(logprobs, chosen, 0).ids.shape == (3, 0)
+
+
+@pytest.mark.parametrize("keep", [1, 5, 50, 300])
+def test_sampling_among_few_finite_logits_equals_the_full_draw(keep):
+    """The short cut over the surviving tokens draws exactly what the full-vocabulary race draws."""
+    from nextok.sampling.sampler import _gumbel
+
+    g = torch.Generator().manual_seed(keep)
+    logits = torch.randn(6, 4096, generator=g)
+    cut = torch.topk(logits, keep, dim=-1).values[:, -1:]
+    logits = logits.masked_fill(logits < cut, float("-inf"))
+    for step in range(20):
+        seeds = torch.arange(6, dtype=torch.long) * 7919 + 11
+        counters = torch.full((6,), step, dtype=torch.long)
+        full = torch.argmax(logits + _gumbel(logits, seeds, counters), dim=-1)
+        assert torch.equal(sample(logits, seeds, counters), full)
