@@ -10,7 +10,7 @@ from torch import nn
 from nextok.models.attention import AttentionMetadata, LayerKV
 from nextok.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from nextok.models.linear import transpose_linears
-from nextok.models.llama import LlamaConfig, LlamaForCausalLM
+from nextok.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
 
 
 class CausalLM(Protocol):
@@ -75,10 +75,8 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     model.load_state_dict(weights, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = _embedding(model).weight
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:  # non-persistent buffers (rotary frequencies) are rebuilt on the CPU
-            _rebuild_buffers(model, config)
-            break
+    if isinstance(model, LlamaForCausalLM):  # the rotary frequencies are not in the checkpoint: build them
+        model.model.rotary_emb = RotaryEmbedding(model.config)
     model.eval().requires_grad_(False)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
@@ -90,9 +88,3 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
 def _embedding(model: nn.Module) -> nn.Embedding:
     return model.transformer.wte if isinstance(model, GPT2LMHeadModel) else model.model.embed_tokens
 
-
-def _rebuild_buffers(model: nn.Module, config: dict[str, Any]) -> None:
-    if isinstance(model, LlamaForCausalLM):
-        from nextok.models.llama import RotaryEmbedding
-
-        model.model.rotary_emb = RotaryEmbedding(model.config)
