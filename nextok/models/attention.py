@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nextok.kernels import ops
+
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each (num_blocks, block_size, n_kv, head_dim)
 
 
@@ -74,9 +76,12 @@ def attend(
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.reshape(n_tokens, n_head * head_dim)
 
-    # Decode: gather each sequence's blocks into a padded (B, n_kv, L, D) view and mask the tail.
     k_cache, v_cache = kv  # type: ignore[misc]
     bt = meta.block_tables
+    out = ops.decode_attention(q, k_cache, v_cache, bt, meta.context_lens, scale)  # reads the blocks in place
+    if out is not None:
+        return out
+    # Without the kernel: gather each sequence's blocks into a padded (B, n_kv, L, D) view and mask the tail.
     batch = bt.shape[0]
     keys = k_cache[bt].flatten(1, 2).transpose(1, 2)  # (B, n_kv, L, D)
     values = v_cache[bt].flatten(1, 2).transpose(1, 2)  # (B, n_kv, L, D)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextok.kernels import ops
 from nextok.models.attention import AttentionMetadata, LayerKV, attend
 
 
@@ -101,13 +102,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # (N, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
-        return emb.cos()[:, None, :], emb.sin()[:, None, :]  # (N, 1, D) each
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+        return emb.cos(), emb.sin()  # (N, D) float32 each
 
 
 def fuse_linears(*linears: nn.Linear) -> nn.Linear:
@@ -128,8 +123,7 @@ class LlamaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel: bit-identical to transformers' float32 formula, one op instead of eight.
-        return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -155,10 +149,8 @@ class LlamaAttention(nn.Module):
             qkv = self.qkv_proj(x).view(n, heads, self.head_dim)  # (N, H + 2 Hkv, D)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, heads, self.head_dim)
-        qk = apply_rotary(qkv[:, : self.n_head + self.n_kv], cos, sin)  # (N, H + Hkv, D): q and k rotate together
-        q, k = qk.split([self.n_head, self.n_kv], dim=1)
-        v = qkv[:, self.n_head + self.n_kv:]  # (N, Hkv, D)
-        return q, k, v
+        qkv = ops.rotate(qkv, cos, sin, self.n_head + self.n_kv)  # q and k rotate together
+        return qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)
 
 
 class LlamaMLP(nn.Module):
@@ -176,10 +168,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, inner) each
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))  # (N, 2 inner) -> (N, inner)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -196,8 +186,9 @@ class LlamaDecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin)
 
     def attention_outputs(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn.o_proj(attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm
+        x, h = ops.add_rms_norm(self.self_attn.o_proj(attn), x, norm.weight, norm.eps)  # x += o_proj(attn)
+        return x + self.mlp(h)
 
     def forward(self, x, cos, sin, kv: LayerKV | None, meta: AttentionMetadata | None) -> torch.Tensor:
         q, k, v = self.attention_inputs(x, cos, sin)
@@ -252,8 +243,7 @@ class LlamaForCausalLM(nn.Module):
         attn_meta: AttentionMetadata | None = None,
     ) -> torch.Tensor:  # (N, hidden)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = self.model.rotary_emb(positions)  # (N, D) float32
         attention_inputs, attention_outputs = self._stages
         for i, layer in enumerate(self.model.layers):
             q, k, v = attention_inputs(layer, x, cos, sin)

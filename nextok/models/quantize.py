@@ -5,9 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nextok.kernels import library
+from nextok.kernels.ops import pack_weight, packed_linear
+
+KERNEL_ROWS = 64  # up to this many rows the packed int8 kernel beats aten's int8 product here
+
 
 class Int8Linear(nn.Module):
-    """A linear layer holding int8 weights (out, in) and one bfloat16 scale per output channel."""
+    """A linear layer holding int8 weights (out, in) and one scale per output channel.
+
+    With nextok's CPU kernels the weights are also kept packed for them (small batches);
+    aten's `_weight_int8pack_mm` serves larger ones and machines without the kernels.
+    """
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__()
@@ -15,21 +24,28 @@ class Int8Linear(nn.Module):
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
         self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("scale_f32", self.scale.float())
         bias = getattr(linear, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        usable = library() is not None and self.weight.device.type == "cpu" and self.weight.shape[1] % 2 == 0
+        self.register_buffer("packed", pack_weight(self.weight) if usable else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scale)
+        x = x.to(torch.bfloat16)
+        if (self.packed is not None and x.device.type == "cpu" and x.numel() <= KERNEL_ROWS * shape[-1]
+                and not torch.compiler.is_compiling()):
+            return packed_linear(x, self.packed, self.weight.shape[0], self.bias, self.scale_f32)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], -1)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear (the tied head included, as a copy) with an Int8Linear, in place."""
+    """Replace every linear layer (the tied head included, as a copy) with an Int8Linear, in place."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) or hasattr(child, "packed") and not isinstance(child, Int8Linear):
                 setattr(module, child_name, Int8Linear(child))
     return model

@@ -9,7 +9,7 @@ from torch import nn
 
 from nextok.models.attention import AttentionMetadata, LayerKV
 from nextok.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from nextok.models.linear import transpose_linears
+from nextok.models.linear import layout_linears
 from nextok.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
 
 
@@ -53,7 +53,8 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     """Instantiate the architecture named by an HF config and load its weights.
 
     fuse: lay the weights out for inference after loading: projections that read the same input
-    (q/k/v, gate/up) become one matrix product, and float32 matrices are stored transposed.
+    (q/k/v, gate/up) become one matrix product, and matrices take their decoding layout
+    (nextok.models.linear).
     """
     model_cls, config_cls = ARCHITECTURES[architecture_of(config)]
     if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
@@ -80,8 +81,8 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     model.eval().requires_grad_(False)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
-    if fuse and dtype == torch.float32:
-        transpose_linears(model)
+    if fuse:
+        layout_linears(model)
     return model
 
 

@@ -1,0 +1,414 @@
+// Hand-written AVX-512 kernels for the decode step on the CPU.
+//
+// A decode step multiplies a few activation rows (one per running sequence) by every weight
+// matrix: the work is bound by streaming the weights from memory, and by the number of small
+// operations between the products. These kernels stream each weight row once for up to 4
+// activation rows at a time, and fuse what PyTorch runs as chains of small ops: RMSNorm with the
+// residual add, rotary embedding with the KV-cache write, SwiGLU, and attention that reads the
+// paged KV cache through the block table instead of gathering it.
+//
+// Conventions: matrices are row-major and contiguous unless a leading dimension is passed;
+// "bf16" is stored as uint16_t; float32 accumulates everywhere; bf16 results are rounded to
+// nearest even, as PyTorch rounds. Work is split over `threads` OpenMP threads (the same libgomp
+// PyTorch uses, so the two share one thread pool).
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE __mmask16 tail_mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+ALWAYS_INLINE __mmask32 tail_mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFF : (__mmask32)((1u << n) - 1); }
+
+// 16 bf16 -> 16 float32 (exact).
+ALWAYS_INLINE __m512 load_bf16x16(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+// 16 float32 -> 16 bf16, round to nearest even.
+ALWAYS_INLINE void store_bf16x16(bf16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+// Round 16 floats to bf16 precision and back (nearest even).
+ALWAYS_INLINE __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+ALWAYS_INLINE float bf16_to_float(bf16 v) {
+  uint32_t bits = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+ALWAYS_INLINE bf16 float_to_bf16(float f) {
+  __m512 v = _mm512_set1_ps(f);
+  return (bf16)_mm_extract_epi16((__m128i)_mm256_castsi256_si128((__m256i)_mm512_cvtneps_pbh(v)), 0);
+}
+
+// ---------------------------------------------------------------------------------------- linear
+// y (M, N) = x (M, K) @ W^T (+ bias), W packed by pack_*: output columns in blocks of 16, each
+// block's weights contiguous and k-major, so one vector load feeds 16 outputs and no horizontal
+// sums are needed. A micro-kernel keeps 2 column blocks x MT rows of accumulators in registers;
+// threads take whole pairs of column blocks, so each streams its own contiguous part of W.
+//   float32: block b holds W[16b + j, k] at packed[(b * K + k) * 16 + j]
+//   bf16 / int8: k in pairs, W[16b + j, 2p + i] at packed[((b * K2 + p) * 16 + j) * 2 + i], K2 = K / 2
+// N is padded with zero rows to a multiple of 32. Column tails are masked on store.
+
+#define MAX_MT 4
+
+ALWAYS_INLINE void store_row_f32(float* y, __m512 v, const float* bias, int64_t n, int64_t N) {
+  __mmask16 m = n >= N ? 0 : tail_mask16(N - n);
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + n));
+  _mm512_mask_storeu_ps(y + n, m, v);
+}
+
+// KS independent partial sums hide the FMA latency when MT is small. The partial sums restart
+// every CHUNK steps of k and are added into a total: float32 rounding then grows with
+// CHUNK + K / CHUNK additions instead of K, about what a blocked BLAS product gives.
+#define CHUNK 32
+
+ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const float* w0, float* y, int64_t N, int64_t n,
+                             const float* bias, int MT, int KS) {
+  const float* w1 = w0 + K * 16;
+  __m512 a0[4][MAX_MT], a1[4][MAX_MT], t0[MAX_MT], t1[MAX_MT];
+  for (int m = 0; m < MT; m++) t0[m] = t1[m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K; c += CHUNK) {
+    int64_t end = c + CHUNK < K ? c + CHUNK : K, k = c;
+    for (int s = 0; s < KS; s++)
+      for (int m = 0; m < MT; m++) a0[s][m] = a1[s][m] = _mm512_setzero_ps();
+#define STEP(S, KK)                                                                              \
+  {                                                                                              \
+    __m512 b0 = _mm512_loadu_ps(w0 + (KK) * 16), b1 = _mm512_loadu_ps(w1 + (KK) * 16);           \
+    for (int m = 0; m < MT; m++) {                                                               \
+      __m512 xv = _mm512_set1_ps(x[m * K + (KK)]);                                               \
+      a0[S][m] = _mm512_fmadd_ps(b0, xv, a0[S][m]);                                              \
+      a1[S][m] = _mm512_fmadd_ps(b1, xv, a1[S][m]);                                              \
+    }                                                                                            \
+  }
+    for (; k + KS <= end; k += KS)
+      for (int s = 0; s < KS; s++) STEP(s, k + s)
+    for (; k < end; k++) STEP(0, k)
+#undef STEP
+    for (int m = 0; m < MT; m++)
+      for (int s = 0; s < KS; s++) {
+        t0[m] = _mm512_add_ps(t0[m], a0[s][m]);
+        t1[m] = _mm512_add_ps(t1[m], a1[s][m]);
+      }
+  }
+  for (int m = 0; m < MT; m++) {
+    store_row_f32(y + m * N, t0[m], bias, n, N);
+    store_row_f32(y + m * N, t1[m], bias, n + 16, N);
+  }
+}
+
+ALWAYS_INLINE void store_row_bf16(bf16* y, __m512 v, const float* scale, const bf16* bias, int64_t n, int64_t N) {
+  __mmask16 m = n >= N ? 0 : tail_mask16(N - n);
+  if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + n));
+  if (bias) v = _mm512_add_ps(round_bf16(v), load_bf16x16(bias + n, m));
+  store_bf16x16(y + n, v, m);
+}
+
+// w0: two adjacent column blocks of bf16 pairs (the int8 path widens into this layout first).
+ALWAYS_INLINE void micro_bf16(const bf16* x, int64_t K, const bf16* w0, bf16* y, int64_t N, int64_t n,
+                              const float* scale, const bf16* bias, int MT, int KS) {
+  int64_t K2 = K / 2;
+  const bf16* w1 = w0 + K2 * 32;
+  __m512 a0[4][MAX_MT], a1[4][MAX_MT], t0[MAX_MT], t1[MAX_MT];
+  for (int m = 0; m < MT; m++) t0[m] = t1[m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K2; c += CHUNK / 2) {
+    int64_t end = c + CHUNK / 2 < K2 ? c + CHUNK / 2 : K2, p = c;
+    for (int s = 0; s < KS; s++)
+      for (int m = 0; m < MT; m++) a0[s][m] = a1[s][m] = _mm512_setzero_ps();
+#define STEP(S, P)                                                                               \
+  {                                                                                              \
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + (P) * 32);                                   \
+    __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + (P) * 32);                                   \
+    for (int m = 0; m < MT; m++) {                                                               \
+      int32_t pair;                                                                              \
+      memcpy(&pair, x + m * K + 2 * (P), 4);                                                     \
+      __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);                                           \
+      a0[S][m] = _mm512_dpbf16_ps(a0[S][m], b0, xv);                                             \
+      a1[S][m] = _mm512_dpbf16_ps(a1[S][m], b1, xv);                                             \
+    }                                                                                            \
+  }
+    for (; p + KS <= end; p += KS)
+      for (int s = 0; s < KS; s++) STEP(s, p + s)
+    for (; p < end; p++) STEP(0, p)
+#undef STEP
+    for (int m = 0; m < MT; m++)
+      for (int s = 0; s < KS; s++) {
+        t0[m] = _mm512_add_ps(t0[m], a0[s][m]);
+        t1[m] = _mm512_add_ps(t1[m], a1[s][m]);
+      }
+  }
+  for (int m = 0; m < MT; m++) {
+    store_row_bf16(y + m * N, t0[m], scale, bias, n, N);
+    store_row_bf16(y + m * N, t1[m], scale, bias, n + 16, N);
+  }
+}
+
+#define DISPATCH_MT(CALL)                                                                        \
+  switch (MT) {                                                                                  \
+    case 1: CALL(1, 4); break;                                                                   \
+    case 2: CALL(2, 4); break;                                                                   \
+    case 3: CALL(3, 2); break;                                                                   \
+    default: CALL(4, 2); break;                                                                  \
+  }
+
+void linear_f32(const float* x, const float* packed, const float* bias, float* y,
+                int64_t M, int64_t K, int64_t N, int threads) {
+  int64_t pairs = (N + 31) / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < pairs; t++) {
+    const float* w = packed + t * 32 * K;
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
+      int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
+#define CALL(mt, ks) micro_f32(x + m0 * K, K, w, y + m0 * N, N, t * 32, bias, mt, ks)
+      DISPATCH_MT(CALL)
+#undef CALL
+    }
+  }
+}
+
+void linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y,
+                 int64_t M, int64_t K, int64_t N, int threads) {
+  int64_t pairs = (N + 31) / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < pairs; t++) {
+    const bf16* w = packed + t * 32 * K;
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
+      int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
+#define CALL(mt, ks) micro_bf16(x + m0 * K, K, w, y + m0 * N, N, t * 32, NULL, bias, mt, ks)
+      DISPATCH_MT(CALL)
+#undef CALL
+    }
+  }
+}
+
+// int8 weights in the bf16 pair layout, one float32 scale per output: each pair of column blocks
+// is widened to bf16 once (int8 values are exact in bf16) into a per-thread buffer, then used
+// for every row tile.
+void linear_int8(const bf16* x, const int8_t* packed, const float* scale, const bf16* bias, bf16* y,
+                 int64_t M, int64_t K, int64_t N, int threads) {
+  int64_t pairs = (N + 31) / 32;
+#pragma omp parallel num_threads(threads)
+  {
+    bf16* wide = (bf16*)aligned_alloc(64, 32 * K * sizeof(bf16));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < pairs; t++) {
+      const int8_t* q = packed + t * 32 * K;
+      for (int64_t i = 0; i < 32 * K; i += 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(q + i));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+        _mm512_store_si512(wide + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
+        int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
+#define CALL(mt, ks) micro_bf16(x + m0 * K, K, wide, y + m0 * N, N, t * 32, scale, bias, mt, ks)
+        DISPATCH_MT(CALL)
+#undef CALL
+      }
+    }
+    free(wide);
+  }
+}
+
+// ------------------------------------------------------------------------------------- RMSNorm
+// out = x / sqrt(mean(x^2) + eps) * weight, row by row; with `residual`, first residual += x and
+// the sum is normalised (the residual stream of a pre-norm transformer).
+#define RMS_NORM_BODY(LOAD, STORE, LOADW)                                                       \
+  for (int64_t i = 0; i < rows; i++) {                                                          \
+    __m512 ss = _mm512_setzero_ps();                                                            \
+    for (int64_t k = 0; k < K; k += 16) {                                                       \
+      __mmask16 m = tail_mask16(K - k);                                                         \
+      __m512 v = LOAD(x + i * K + k, m);                                                        \
+      if (residual) {                                                                           \
+        v = _mm512_add_ps(v, LOAD(residual + i * K + k, m));                                    \
+        STORE(residual + i * K + k, v, m);                                                      \
+      }                                                                                         \
+      ss = _mm512_fmadd_ps(v, v, ss);                                                           \
+    }                                                                                           \
+    float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)K + eps);                        \
+    __m512 scale = _mm512_set1_ps(inv);                                                         \
+    for (int64_t k = 0; k < K; k += 16) {                                                       \
+      __mmask16 m = tail_mask16(K - k);                                                         \
+      __m512 v = residual ? LOAD(residual + i * K + k, m) : LOAD(x + i * K + k, m);             \
+      STORE(out + i * K + k, _mm512_mul_ps(_mm512_mul_ps(v, scale), LOADW(weight + k, m)), m);  \
+    }                                                                                           \
+  }
+
+#define LOAD_F32(p, m) _mm512_maskz_loadu_ps(m, p)
+#define STORE_F32(p, v, m) _mm512_mask_storeu_ps(p, m, v)
+
+void rms_norm_f32(const float* x, float* residual, const float* weight, float* out,
+                  int64_t rows, int64_t K, float eps) {
+  RMS_NORM_BODY(LOAD_F32, STORE_F32, LOAD_F32)
+}
+
+void rms_norm_bf16(const bf16* x, bf16* residual, const bf16* weight, bf16* out,
+                   int64_t rows, int64_t K, float eps) {
+  RMS_NORM_BODY(load_bf16x16, store_bf16x16, load_bf16x16)
+}
+
+// -------------------------------------------------------------------------------------- SwiGLU
+// exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, times 2^n.
+// About 1 ulp from expf; inputs below -87 give 0, above 88 saturate.
+ALWAYS_INLINE __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 y = _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), y);
+}
+
+ALWAYS_INLINE __m512 silu512(__m512 a) {
+  return _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+}
+
+// gate_up (rows, 2I) -> out (rows, I) = silu(gate) * up.
+void silu_mul_f32(const float* gate_up, float* out, int64_t rows, int64_t inner) {
+  for (int64_t i = 0; i < rows; i++) {
+    const float* g = gate_up + i * 2 * inner;
+    for (int64_t k = 0; k < inner; k += 16) {
+      __mmask16 m = tail_mask16(inner - k);
+      __m512 act = silu512(_mm512_maskz_loadu_ps(m, g + k));
+      _mm512_mask_storeu_ps(out + i * inner + k, m, _mm512_mul_ps(act, _mm512_maskz_loadu_ps(m, g + inner + k)));
+    }
+  }
+}
+
+// As PyTorch computes it in bfloat16: silu rounded to bf16, then the product rounded.
+void silu_mul_bf16(const bf16* gate_up, bf16* out, int64_t rows, int64_t inner) {
+  for (int64_t i = 0; i < rows; i++) {
+    const bf16* g = gate_up + i * 2 * inner;
+    for (int64_t k = 0; k < inner; k += 16) {
+      __mmask16 m = tail_mask16(inner - k);
+      __m512 act = silu512(load_bf16x16(g + k, m));
+      act = round_bf16(act);
+      store_bf16x16(out + i * inner + k, _mm512_mul_ps(act, load_bf16x16(g + inner + k, m)), m);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ rotary + KV-cache write
+// qkv (N, H + 2 Hkv, D): rotates q and k in place (rotate-half convention, cos/sin (N, D) in
+// float32) and writes k and v into the paged cache at the flat slot of each token.
+#define ROTARY_BODY(T, TO_F, FROM_F)                                                            \
+  int64_t heads = H + 2 * Hkv, half = D / 2;                                                    \
+  for (int64_t t = 0; t < N; t++) {                                                             \
+    const float* c = cos + t * D;                                                               \
+    const float* s = sin + t * D;                                                               \
+    T* row = qkv + t * heads * D;                                                               \
+    for (int64_t h = 0; h < H + Hkv; h++) {                                                     \
+      T* v = row + h * D;                                                                       \
+      for (int64_t i = 0; i < half; i++) {                                                      \
+        float a = TO_F(v[i]), b = TO_F(v[i + half]);                                            \
+        v[i] = FROM_F(a * c[i] - b * s[i]);                                                     \
+        v[i + half] = FROM_F(b * c[i + half] + a * s[i + half]);                                \
+      }                                                                                         \
+    }                                                                                           \
+    if (k_cache) {                                                                              \
+      int64_t slot = slots[t];                                                                  \
+      memcpy(k_cache + slot * Hkv * D, row + H * D, Hkv * D * sizeof(T));                       \
+      memcpy(v_cache + slot * Hkv * D, row + (H + Hkv) * D, Hkv * D * sizeof(T));               \
+    }                                                                                           \
+  }
+
+#define IDENTITY(v) (v)
+void rotary_store_f32(float* qkv, const float* cos, const float* sin, float* k_cache, float* v_cache,
+                      const int64_t* slots, int64_t N, int64_t H, int64_t Hkv, int64_t D) {
+  ROTARY_BODY(float, IDENTITY, IDENTITY)
+}
+
+void rotary_store_bf16(bf16* qkv, const float* cos, const float* sin, bf16* k_cache, bf16* v_cache,
+                       const int64_t* slots, int64_t N, int64_t H, int64_t Hkv, int64_t D) {
+  ROTARY_BODY(bf16, bf16_to_float, float_to_bf16)
+}
+
+// ------------------------------------------------------------------------ paged decode attention
+// One new query token per sequence. q: (B, H, D) rows `q_stride` elements apart; caches
+// (blocks, block_size, Hkv, D); block_tables (B, max_blocks); out (B, H * D). Each thread takes
+// whole (sequence, kv head) pairs and reads keys and values straight from their blocks.
+#define DECODE_ATTENTION_BODY(T, LOADK)                                                              \
+  int64_t group = H / Hkv;                                                                           \
+  _Pragma("omp parallel num_threads(threads)") {                                                     \
+    float* scores = NULL;                                                                            \
+    int64_t capacity = 0;                                                                            \
+    _Pragma("omp for schedule(dynamic, 1)") for (int64_t job = 0; job < B * Hkv; job++) {           \
+      int64_t b = job / Hkv, g = job % Hkv, L = context_lens[b];                                     \
+      if (L > capacity) {                                                                            \
+        free(scores);                                                                                \
+        capacity = L;                                                                                \
+        scores = (float*)malloc(sizeof(float) * group * L);                                          \
+      }                                                                                              \
+      const int64_t* table = block_tables + b * max_blocks;                                          \
+      for (int64_t hq = 0; hq < group; hq++) {                                                       \
+        int64_t h = g * group + hq;                                                                  \
+        const T* qh = q + b * q_stride + h * D;                                                      \
+        __m512 qv[16];                                                                               \
+        for (int64_t d = 0, j = 0; d < D; d += 16, j++) qv[j] = LOADK(qh + d, tail_mask16(D - d));   \
+        float* sc = scores + hq * L;                                                                 \
+        float best = -INFINITY;                                                                      \
+        for (int64_t l = 0; l < L; l++) {                                                            \
+          const T* kp = k_cache + ((table[l / block_size] * block_size + l % block_size) * Hkv + g) * D; \
+          __m512 acc = _mm512_setzero_ps();                                                          \
+          for (int64_t d = 0, j = 0; d < D; d += 16, j++)                                            \
+            acc = _mm512_fmadd_ps(qv[j], LOADK(kp + d, tail_mask16(D - d)), acc);                    \
+          float v = _mm512_reduce_add_ps(acc) * scale;                                               \
+          sc[l] = v;                                                                                 \
+          if (v > best) best = v;                                                                    \
+        }                                                                                            \
+        __m512 sum = _mm512_setzero_ps();                                                            \
+        for (int64_t l = 0; l < L; l += 16) {                                                        \
+          __mmask16 m = tail_mask16(L - l);                                                          \
+          __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + l), _mm512_set1_ps(best)));  \
+          e = _mm512_maskz_mov_ps(m, e);                                                             \
+          _mm512_mask_storeu_ps(sc + l, m, e);                                                       \
+          sum = _mm512_add_ps(sum, e);                                                               \
+        }                                                                                            \
+        float total = _mm512_reduce_add_ps(sum);                                                     \
+        __m512 o[16];                                                                                \
+        for (int64_t j = 0; j * 16 < D; j++) o[j] = _mm512_setzero_ps();                             \
+        for (int64_t l = 0; l < L; l++) {                                                            \
+          const T* vp = v_cache + ((table[l / block_size] * block_size + l % block_size) * Hkv + g) * D; \
+          __m512 p = _mm512_set1_ps(sc[l]);                                                          \
+          for (int64_t d = 0, j = 0; d < D; d += 16, j++)                                            \
+            o[j] = _mm512_fmadd_ps(p, LOADK(vp + d, tail_mask16(D - d)), o[j]);                      \
+        }                                                                                            \
+        __m512 inv = _mm512_set1_ps(1.0f / total);                                                   \
+        for (int64_t d = 0, j = 0; d < D; d += 16, j++)                                              \
+          STORE_OUT(out + b * H * D + h * D + d, _mm512_mul_ps(o[j], inv), tail_mask16(D - d));      \
+      }                                                                                              \
+    }                                                                                                \
+    free(scores);                                                                                    \
+  }
+
+#define STORE_OUT STORE_F32
+void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                          const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
+                          float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+                          float scale, int threads) {
+  DECODE_ATTENTION_BODY(float, LOAD_F32)
+}
+#undef STORE_OUT
+
+#define STORE_OUT store_bf16x16
+void decode_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
+                           const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
+                           bf16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+                           float scale, int threads) {
+  DECODE_ATTENTION_BODY(bf16, load_bf16x16)
+}
+#undef STORE_OUT

@@ -1,0 +1,158 @@
+"""The model ops that have a hand-written CPU kernel, each with its PyTorch formula as the fallback.
+
+An op takes the kernel when the library is loaded, the tensors are contiguous CPU float32 or
+bfloat16 tensors of the shapes the kernel handles, and no torch.compile trace is running;
+otherwise it computes the same result with PyTorch ops. Every op's kernel path is tested
+against its fallback (tests/kernels/test_ops.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from nextok.kernels import library
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _kernels(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The library, if every given tensor suits a kernel (CPU, contiguous) and nothing is compiling."""
+    lib = library()
+    if lib is None or torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
+            return None
+    return lib
+
+
+# ------------------------------------------------------------------------------ packed products
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> the kernels' layout: columns in blocks of 16, N padded to a multiple of 32.
+
+    float32: (N/16, K, 16); bfloat16 and int8: (N/16, K/2, 16, 2), k in pairs (K must be even).
+    """
+    n, k = weight.shape
+    padded = torch.zeros((n + 31) // 32 * 32, k, dtype=weight.dtype)
+    padded[:n] = weight
+    blocks = padded.view(-1, 16, k)
+    if weight.dtype == torch.float32:
+        return blocks.transpose(1, 2).contiguous()
+    if k % 2:
+        raise ValueError(f"pack_weight: {weight.dtype} needs an even number of input features, got {k}")
+    return blocks.view(-1, 16, k // 2, 2).transpose(1, 2).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_weight: (N, K)."""
+    if packed.dim() == 3:
+        return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1] * 2)[:n]
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ W^T (+ bias) with W (N, K) given packed; int8 weights need `scale` (N,) float32.
+
+    float32 and bfloat16 weights take x of their dtype; int8 weights take bfloat16 x.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("packed_linear needs nextok's CPU kernels (see nextok.kernels)")
+    k = x.shape[-1]
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    args = (x.numel() // k, k, n, torch.get_num_threads())
+    if packed.dtype == torch.int8:
+        lib.linear_int8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), *args)
+    elif packed.dtype == torch.float32:
+        lib.linear_f32(x.data_ptr(), packed.data_ptr(), _ptr(bias), y.data_ptr(), *args)
+    else:
+        lib.linear_bf16(x.data_ptr(), packed.data_ptr(), _ptr(bias), y.data_ptr(), *args)
+    return y
+
+
+# ------------------------------------------------------------------------------ element-wise
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    lib = _kernels(x, weight)
+    if lib is None or x.dtype not in _SUFFIX or weight.dtype != x.dtype:
+        return torch.rms_norm(x, weight.shape, weight, eps)
+    out = torch.empty_like(x)
+    getattr(lib, f"rms_norm_{_SUFFIX[x.dtype]}")(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(),
+                                                 x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + x, rms_norm(residual + x)); the kernel adds into `residual` in place."""
+    lib = _kernels(x, residual, weight)
+    if lib is None or x.dtype not in _SUFFIX or not (weight.dtype == residual.dtype == x.dtype):
+        total = residual + x
+        return total, torch.rms_norm(total, weight.shape, weight, eps)
+    out = torch.empty_like(x)
+    getattr(lib, f"rms_norm_{_SUFFIX[x.dtype]}")(x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
+                                                 out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return residual, out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (..., 2I) -> silu(gate) * up (..., I): the SwiGLU activation."""
+    inner = gate_up.shape[-1] // 2
+    lib = _kernels(gate_up)
+    if lib is None or gate_up.dtype not in _SUFFIX:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    out = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype)
+    getattr(lib, f"silu_mul_{_SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(),
+                                                       gate_up.numel() // gate_up.shape[-1], inner)
+    return out
+
+
+def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int) -> torch.Tensor:
+    """Rotary embedding (rotate-half) on the first `n_rotated` heads of qkv (N, heads, D).
+
+    cos, sin: (N, D) float32. The kernel rotates in place; the fallback returns a new tensor.
+    """
+    n, heads, dim = qkv.shape
+    lib = _kernels(qkv, cos, sin)
+    if lib is None or qkv.dtype not in _SUFFIX or dim % 2 or cos.dtype != torch.float32:
+        return _rotate_torch(qkv, cos, sin, n_rotated)
+    n_kv = heads - n_rotated  # the heads after the rotated ones (values); the kernel rotates H + Hkv heads
+    getattr(lib, f"rotary_store_{_SUFFIX[qkv.dtype]}")(
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), None, None, None, n, n_rotated - n_kv, n_kv, dim)
+    return qkv
+
+
+def _rotate_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int) -> torch.Tensor:
+    x = qkv[:, :n_rotated]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.cat([x * cos + rotated * sin, qkv[:, n_rotated:]], dim=1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Attention of one query per sequence over its paged cache, or None where no kernel applies.
+
+    q: (B, H, D), rows may be strided (a view into the fused qkv); caches (blocks, block_size, Hkv, D).
+    """
+    batch, n_head, dim = q.shape
+    lib = _kernels(k_cache, v_cache, block_tables, context_lens)
+    if (lib is None or q.dtype != k_cache.dtype or q.dtype not in _SUFFIX or dim > 256
+            or q.stride(2) != 1 or q.stride(1) != dim or block_tables.dtype != torch.int64):
+        return None
+    out = torch.empty(batch, n_head * dim, dtype=q.dtype)
+    getattr(lib, f"decode_attention_{_SUFFIX[q.dtype]}")(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), batch, n_head, k_cache.shape[2], dim,
+        k_cache.shape[1], scale, torch.get_num_threads())
+    return out

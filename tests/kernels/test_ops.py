@@ -1,0 +1,92 @@
+"""Each hand-written kernel against the PyTorch formula it replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nextok.kernels import library, ops
+
+pytestmark = pytest.mark.skipif(library() is None, reason="nextok's CPU kernels need AVX-512 BF16 and a C compiler")
+
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
+def close(actual, expected, tol):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 13, 16, 40])
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 962), (50, 7), (1536, 576)])
+def test_packed_linear_matches_torch(dtype, tol, rows, k, n):
+    torch.manual_seed(rows * 1000 + k + n)
+    x, w, b = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype) / k**0.5, torch.randn(n, dtype=dtype)
+    packed = ops.pack_weight(w)
+    assert torch.equal(ops.unpack_weight(packed, n), w)
+    close(ops.packed_linear(x, packed, n), F.linear(x.float(), w.float()).to(dtype), tol)
+    close(ops.packed_linear(x, packed, n, b), F.linear(x.float(), w.float(), b.float()).to(dtype), tol)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 16, 21])
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 962), (1536, 577)])
+def test_int8_packed_linear_matches_the_dequantised_product(rows, k, n):
+    torch.manual_seed(rows + k + n)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) / 100
+    b = torch.randn(n, dtype=torch.bfloat16)
+    expected = (x.float() @ (w.float() * scale[:, None]).t() + b.float()).bfloat16()
+    close(ops.packed_linear(x, ops.pack_weight(w), n, b, scale), expected, 2e-2)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (3, 2, 50)])
+def test_rms_norm_and_residual_add(dtype, tol, shape):
+    torch.manual_seed(0)
+    x, r, w = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), torch.rand(shape[-1], dtype=dtype)
+    close(ops.rms_norm(x, w, 1e-5), torch.rms_norm(x.float(), w.shape, w.float(), 1e-5).to(dtype), tol)
+    expected_sum = (r.float() + x.float()).to(dtype)
+    total, normed = ops.add_rms_norm(x, r.clone(), w, 1e-5)
+    close(total, expected_sum, tol)
+    close(normed, torch.rms_norm(expected_sum.float(), w.shape, w.float(), 1e-5).to(dtype), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_silu_mul(dtype, tol):
+    torch.manual_seed(0)
+    gu = torch.randn(3, 2 * 1537, dtype=dtype) * 6
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -88.5])
+    gate, up = gu.float().chunk(2, dim=-1)
+    close(ops.silu_mul(gu), (F.silu(gate) * up).to(dtype), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_rotate_matches_rotate_half(dtype, tol):
+    torch.manual_seed(0)
+    n, heads, rotated, dim = 4, 9 + 6, 12, 64
+    qkv = torch.randn(n, heads, dim, dtype=dtype)
+    angles = torch.rand(n, dim // 2) * 10
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    expected = ops._rotate_torch(qkv.float(), cos, sin, rotated).to(dtype)
+    close(ops.rotate(qkv.clone(), cos, sin, rotated), expected, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("n_head,n_kv,dim", [(9, 3, 64), (4, 4, 16), (6, 1, 40)])
+def test_decode_attention_reads_the_paged_cache(dtype, tol, n_head, n_kv, dim):
+    torch.manual_seed(n_head + dim)
+    blocks, block_size = 12, 4
+    k_cache = torch.randn(blocks, block_size, n_kv, dim, dtype=dtype)
+    v_cache = torch.randn(blocks, block_size, n_kv, dim, dtype=dtype)
+    tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11], [4, 0, 0, 0]])
+    lens = torch.tensor([10, 16, 1])
+    qkv = torch.randn(3, n_head + 2 * n_kv, dim, dtype=dtype)
+    q = qkv[:, :n_head]  # strided rows, as the model passes it
+    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, 0.3)
+    for b in range(3):
+        slots = [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(int(lens[b]))]
+        keys = k_cache.reshape(-1, n_kv, dim)[slots].float().transpose(0, 1)  # (Hkv, L, D)
+        values = v_cache.reshape(-1, n_kv, dim)[slots].float().transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q[b].float()[:, None], keys, values, scale=0.3, enable_gqa=True)
+        close(out[b], expected.reshape(-1).to(dtype), tol)
