@@ -116,19 +116,26 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int) -> torch.Tensor:
+def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int,
+           kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+           slots: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """Rotary embedding (rotate-half) on the first `n_rotated` heads of qkv (N, heads, D).
 
-    cos, sin: (N, D) float32. The kernel rotates in place; the fallback returns a new tensor.
+    cos, sin: (N, D) float32. The heads after the rotated ones are values, as many as the keys.
+    Given the layer's KV cache and each token's flat slot, the kernel also writes k and v there.
+    Returns (qkv rotated, whether k and v were written); the kernel rotates in place.
     """
     n, heads, dim = qkv.shape
-    lib = _kernels(qkv, cos, sin)
-    if lib is None or qkv.dtype not in _SUFFIX or dim % 2 or cos.dtype != torch.float32:
-        return _rotate_torch(qkv, cos, sin, n_rotated)
-    n_kv = heads - n_rotated  # the heads after the rotated ones (values); the kernel rotates H + Hkv heads
+    k_cache, v_cache = kv if kv is not None and slots is not None else (None, None)
+    lib = _kernels(qkv, cos, sin, k_cache, v_cache, slots)
+    if (lib is None or qkv.dtype not in _SUFFIX or dim % 2 or cos.dtype != torch.float32
+            or (k_cache is not None and (k_cache.dtype != qkv.dtype or slots.dtype != torch.int64))):
+        return _rotate_torch(qkv, cos, sin, n_rotated), False
+    n_kv = heads - n_rotated  # the kernel takes the query and kv head counts: H + Hkv heads rotate
     getattr(lib, f"rotary_store_{_SUFFIX[qkv.dtype]}")(
-        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), None, None, None, n, n_rotated - n_kv, n_kv, dim)
-    return qkv
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), _ptr(k_cache), _ptr(v_cache), _ptr(slots), n,
+        n_rotated - n_kv, n_kv, dim)
+    return qkv, k_cache is not None
 
 
 def _rotate_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated: int) -> torch.Tensor:

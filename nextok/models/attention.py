@@ -56,10 +56,11 @@ def attend(
     kv: LayerKV | None,
     meta: AttentionMetadata | None,
     scale: float,
+    stored: bool = False,  # k and v are already in the cache at meta.slot_mapping
 ) -> torch.Tensor:  # (N, n_head * head_dim)
     n_tokens, n_head, head_dim = q.shape
     gqa = n_head != k.shape[1]
-    if kv is not None and meta is not None and meta.slot_mapping is not None:
+    if kv is not None and meta is not None and meta.slot_mapping is not None and not stored:
         k_cache, v_cache = kv
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))

@@ -142,15 +142,18 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q, k (rotated) and v of the normalised input: (N, H, D), (N, Hkv, D), (N, Hkv, D)."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None,
+                slots: torch.Tensor | None = None):
+        """q, k (rotated) and v of the normalised input: (N, H, D), (N, Hkv, D), (N, Hkv, D), and
+        whether k and v were also written to the cache at `slots` (the kernel does both in one pass)."""
         n, heads = x.shape[0], self.n_head + 2 * self.n_kv
         if hasattr(self, "qkv_proj"):
             qkv = self.qkv_proj(x).view(n, heads, self.head_dim)  # (N, H + 2 Hkv, D)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, heads, self.head_dim)
-        qkv = ops.rotate(qkv, cos, sin, self.n_head + self.n_kv)  # q and k rotate together
-        return qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)
+        qkv, stored = ops.rotate(qkv, cos, sin, self.n_head + self.n_kv, kv, slots)  # q and k rotate together
+        q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)
+        return q, k, v, stored
 
 
 class LlamaMLP(nn.Module):
@@ -180,19 +183,28 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    # A layer is two pure stages around the attention over the cache, so that the stages can be
-    # compiled (LlamaForCausalLM.compile_stages) while the cache reads and writes stay as they are.
-    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+    # A layer is two stages around the attention over the cache, so that the stages can be compiled
+    # (LlamaForCausalLM.compile_stages) while the cache reads stay as they are. The residual stream
+    # is carried as (x, delta): each stage adds the previous stage's output as it normalises.
+    def attention_inputs(self, x, delta, cos, sin, kv: LayerKV | None = None, slots: torch.Tensor | None = None):
+        """x + delta, and q, k, v of its normalised value (see LlamaAttention.project)."""
+        norm = self.input_layernorm
+        if delta is None:
+            h = norm(x)
+        else:
+            x, h = ops.add_rms_norm(delta, x, norm.weight, norm.eps)
+        return (x, *self.self_attn.project(h, cos, sin, kv, slots))
 
-    def attention_outputs(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def attention_outputs(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + o_proj(attn), the MLP's output to add next)."""
         norm = self.post_attention_layernorm
         x, h = ops.add_rms_norm(self.self_attn.o_proj(attn), x, norm.weight, norm.eps)  # x += o_proj(attn)
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
     def forward(self, x, cos, sin, kv: LayerKV | None, meta: AttentionMetadata | None) -> torch.Tensor:
-        q, k, v = self.attention_inputs(x, cos, sin)
-        return self.attention_outputs(x, attend(q, k, v, kv, meta, self.self_attn.scale))
+        x, q, k, v, _ = self.attention_inputs(x, None, cos, sin)
+        x, delta = self.attention_outputs(x, attend(q, k, v, kv, meta, self.self_attn.scale))
+        return x + delta
 
 
 class LlamaModel(nn.Module):
@@ -245,11 +257,16 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions)  # (N, D) float32
         attention_inputs, attention_outputs = self._stages
+        compiled = attention_inputs is not LlamaDecoderLayer.attention_inputs
+        slots = None if compiled or attn_meta is None else attn_meta.slot_mapping
+        delta = None
         for i, layer in enumerate(self.model.layers):
-            q, k, v = attention_inputs(layer, x, cos, sin)
-            attn = attend(q, k, v, kv_caches[i] if kv_caches else None, attn_meta, layer.self_attn.scale)
-            x = attention_outputs(layer, x, attn)
-        return self.model.norm(x)
+            kv = kv_caches[i] if kv_caches else None
+            x, q, k, v, stored = attention_inputs(layer, x, delta, cos, sin, None if slots is None else kv, slots)
+            attn = attend(q, k, v, kv, attn_meta, layer.self_attn.scale, stored=stored)
+            x, delta = attention_outputs(layer, x, attn)
+        norm = self.model.norm
+        return ops.add_rms_norm(delta, x, norm.weight, norm.eps)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) float32
         return self.lm_head(hidden).float()

@@ -69,7 +69,17 @@ def test_rotate_matches_rotate_half(dtype, tol):
     angles = torch.rand(n, dim // 2) * 10
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     expected = ops._rotate_torch(qkv.float(), cos, sin, rotated).to(dtype)
-    close(ops.rotate(qkv.clone(), cos, sin, rotated), expected, tol)
+    rotated_qkv, stored = ops.rotate(qkv.clone(), cos, sin, rotated)
+    close(rotated_qkv, expected, tol)
+    assert not stored
+    k_cache, v_cache = torch.zeros(8, 4, 3, dim, dtype=dtype), torch.zeros(8, 4, 3, dim, dtype=dtype)
+    slots = torch.tensor([5, 0, 31, 17])
+    rotated_qkv, stored = ops.rotate(qkv.clone(), cos, sin, rotated, (k_cache, v_cache), slots)
+    assert stored
+    close(rotated_qkv, expected, tol)
+    assert torch.equal(k_cache.view(-1, 3, dim)[slots], rotated_qkv[:, 9:12])
+    assert torch.equal(v_cache.view(-1, 3, dim)[slots], rotated_qkv[:, 12:])
+    assert k_cache.view(-1, 3, dim)[1:5].abs().sum() == 0  # nothing else written
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
