@@ -1,6 +1,6 @@
 """nextok's own CPU kernels (cpu_kernels.c), compiled once on first use and loaded with ctypes.
 
-The library is built with the system C compiler (`cc`, or $CC) for AVX-512 with BF16 and cached
+The library is built with the system C compiler (`cc`, or $CC) for AVX-512 with BF16 and VNNI and cached
 under $NEXTOK_CACHE/kernels (default ~/.cache/nextok/kernels), keyed by the source and flags.
 Where the CPU lacks those instructions, no compiler is found, the build fails, or
 NEXTOK_KERNELS=0 is set, `library()` returns None and every op falls back to PyTorch.
@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None

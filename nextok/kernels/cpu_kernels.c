@@ -187,33 +187,82 @@ void linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y,
   }
 }
 
-// int8 weights in the bf16 pair layout, one float32 scale per output: each pair of column blocks
-// is widened to bf16 once (int8 values are exact in bf16) into a per-thread buffer, then used
-// for every row tile.
+// int8 weights (the bf16 pair layout, one float32 scale per output) times activations quantized
+// per row to int16 (15 bits, finer than bf16's 8): vpdpwssd adds two int16 products into each
+// int32 lane. A chunk of 32 k stays far below int32 overflow (32 * 127 * 32767 < 2^31); each
+// chunk's sum goes to a float32 total, as in the float kernels.
+ALWAYS_INLINE void micro_int8(const int16_t* xq, const float* xscale, int64_t K, const int8_t* w0, bf16* y,
+                              int64_t N, int64_t n, const float* scale, const bf16* bias, int MT, int KS) {
+  int64_t K2 = K / 2;
+  const int8_t* w1 = w0 + K2 * 32;
+  __m512i a0[4][MAX_MT], a1[4][MAX_MT];
+  __m512 t0[MAX_MT], t1[MAX_MT];
+  for (int m = 0; m < MT; m++) t0[m] = t1[m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K2; c += CHUNK / 2) {
+    int64_t end = c + CHUNK / 2 < K2 ? c + CHUNK / 2 : K2, p = c;
+    for (int s = 0; s < KS; s++)
+      for (int m = 0; m < MT; m++) a0[s][m] = a1[s][m] = _mm512_setzero_si512();
+#define STEP(S, P)                                                                               \
+  {                                                                                              \
+    __m512i b0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w0 + (P) * 32)));       \
+    __m512i b1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w1 + (P) * 32)));       \
+    for (int m = 0; m < MT; m++) {                                                               \
+      int32_t pair;                                                                              \
+      memcpy(&pair, xq + m * K + 2 * (P), 4);                                                    \
+      __m512i xv = _mm512_set1_epi32(pair);                                                      \
+      a0[S][m] = _mm512_dpwssd_epi32(a0[S][m], b0, xv);                                          \
+      a1[S][m] = _mm512_dpwssd_epi32(a1[S][m], b1, xv);                                          \
+    }                                                                                            \
+  }
+    for (; p + KS <= end; p += KS)
+      for (int s = 0; s < KS; s++) STEP(s, p + s)
+    for (; p < end; p++) STEP(0, p)
+#undef STEP
+    for (int m = 0; m < MT; m++) {
+      for (int s = 1; s < KS; s++) {
+        a0[0][m] = _mm512_add_epi32(a0[0][m], a0[s][m]);
+        a1[0][m] = _mm512_add_epi32(a1[0][m], a1[s][m]);
+      }
+      t0[m] = _mm512_add_ps(t0[m], _mm512_cvtepi32_ps(a0[0][m]));
+      t1[m] = _mm512_add_ps(t1[m], _mm512_cvtepi32_ps(a1[0][m]));
+    }
+  }
+  for (int m = 0; m < MT; m++) {
+    __m512 xs = _mm512_set1_ps(xscale[m]);
+    store_row_bf16(y + m * N, _mm512_mul_ps(t0[m], xs), scale, bias, n, N);
+    store_row_bf16(y + m * N, _mm512_mul_ps(t1[m], xs), scale, bias, n + 16, N);
+  }
+}
+
 void linear_int8(const bf16* x, const int8_t* packed, const float* scale, const bf16* bias, bf16* y,
                  int64_t M, int64_t K, int64_t N, int threads) {
-  int64_t pairs = (N + 31) / 32;
-#pragma omp parallel num_threads(threads)
-  {
-    bf16* wide = (bf16*)aligned_alloc(64, 32 * K * sizeof(bf16));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < pairs; t++) {
-      const int8_t* q = packed + t * 32 * K;
-      for (int64_t i = 0; i < 32 * K; i += 32) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(q + i));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-        _mm512_store_si512(wide + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
-        int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
-#define CALL(mt, ks) micro_bf16(x + m0 * K, K, wide, y + m0 * N, N, t * 32, scale, bias, mt, ks)
-        DISPATCH_MT(CALL)
-#undef CALL
-      }
+  int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * M * K);
+  float* xscale = (float*)malloc(sizeof(float) * M);
+  for (int64_t m = 0; m < M; m++) {  // symmetric per-row quantization of the activations
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load_bf16x16(x + m * K + k, tail_mask16(K - k))));
+    float amax = _mm512_reduce_max_ps(mx);
+    xscale[m] = amax > 0 ? amax / 32767.0f : 1.0f;
+    __m512 inv = _mm512_set1_ps(1.0f / xscale[m]);
+    for (int64_t k = 0; k < K; k += 16) {
+      __mmask16 mask = tail_mask16(K - k);
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16x16(x + m * K + k, mask), inv));
+      _mm256_mask_storeu_epi16(xq + m * K + k, mask, _mm512_cvtsepi32_epi16(q));
     }
-    free(wide);
   }
+  int64_t pairs = (N + 31) / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < pairs; t++) {
+    const int8_t* w = packed + t * 32 * K;
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
+      int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
+#define CALL(mt, ks) micro_int8(xq + m0 * K, xscale + m0, K, w, y + m0 * N, N, t * 32, scale, bias, mt, ks)
+      DISPATCH_MT(CALL)
+#undef CALL
+    }
+  }
+  free(xq);
+  free(xscale);
 }
 
 // ------------------------------------------------------------------------------------- RMSNorm

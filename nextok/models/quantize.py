@@ -8,14 +8,13 @@ from torch import nn
 from nextok.kernels import library
 from nextok.kernels.ops import pack_weight, packed_linear
 
-KERNEL_ROWS = 64  # up to this many rows the packed int8 kernel beats aten's int8 product here
-
 
 class Int8Linear(nn.Module):
     """A linear layer holding int8 weights (out, in) and one scale per output channel.
 
-    With nextok's CPU kernels the weights are also kept packed for them (small batches);
-    aten's `_weight_int8pack_mm` serves larger ones and machines without the kernels.
+    With nextok's CPU kernels the weights are also kept packed for them; their product beats aten's
+    `_weight_int8pack_mm` at every batch size measured here (1 to 256 rows, benchmarks/kernels.py),
+    which serves machines without the kernels.
     """
 
     def __init__(self, linear: nn.Module) -> None:
@@ -33,8 +32,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.to(torch.bfloat16)
-        if (self.packed is not None and x.device.type == "cpu" and x.numel() <= KERNEL_ROWS * shape[-1]
-                and not torch.compiler.is_compiling()):
+        if self.packed is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             return packed_linear(x, self.packed, self.weight.shape[0], self.bias, self.scale_f32)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
         if self.bias is not None:
