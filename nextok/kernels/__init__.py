@@ -40,7 +40,9 @@ SIGNATURES = {
     "rotary_store_bf16": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64],
     "decode_attention_f32": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "decode_attention_bf16": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
+    "read_sum_f32": [_P, _I64, _INT],
 }
+RESTYPES = {"read_sum_f32": ctypes.c_float}
 
 
 def enabled_by_environment() -> bool:
@@ -111,5 +113,5 @@ def _load() -> ctypes.CDLL | None:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = None
+        fn.restype = RESTYPES.get(name)
     return lib

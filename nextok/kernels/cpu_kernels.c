@@ -461,3 +461,21 @@ void decode_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache,
   DECODE_ATTENTION_BODY(bf16, load_bf16x16)
 }
 #undef STORE_OUT
+
+// ------------------------------------------------------------------------------- measurement
+// Sums n floats with 8 independent accumulators per thread: the rate at which this machine
+// streams memory, the ceiling of a batch-1 decode step (benchmarks/kernels.py reports it).
+float read_sum_f32(const float* a, int64_t n, int threads) {
+  float total = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    __m512 s[8];
+    for (int j = 0; j < 8; j++) s[j] = _mm512_setzero_ps();
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n / 128; i++)
+      for (int j = 0; j < 8; j++) s[j] = _mm512_add_ps(s[j], _mm512_loadu_ps(a + i * 128 + j * 16));
+    for (int j = 1; j < 8; j++) s[0] = _mm512_add_ps(s[0], s[j]);
+    total += _mm512_reduce_add_ps(s[0]);
+  }
+  return total;
+}
