@@ -46,7 +46,7 @@ def write_tiny_llama(folder: Path, tokenizer, seed: int = 0, **overrides) -> Pat
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_ids[0], **overrides,
     )
     model = transformers.LlamaForCausalLM(config)

@@ -135,7 +135,7 @@ def test_bad_lines_become_error_records_and_the_job_finishes(tiny_model_dir, tmp
         {"id": "typo", "prompt": "hi", "max_new_token": 3},
         {"id": "ok1", "prompt": "again"},
         {"prompt": "no id"},
-        {"id": "toolong", "prompt": "hi " * 1100},
+        {"id": "toolong", "prompt": "hi " * 8300},  # past the tiny model's 8192-token context
         "[1, 2]",
         {"id": "ok2", "prompt_token_ids": [1, 2, 3], "max_new_tokens": 2},
     ]

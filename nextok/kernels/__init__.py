@@ -41,6 +41,8 @@ SIGNATURES = {
     "decode_attention_f32": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "decode_attention_bf16": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "read_sum_f32": [_P, _I64, _INT],
+    "decode_layers": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F, _F,
+                      _INT, _INT],
 }
 RESTYPES = {"read_sum_f32": ctypes.c_float}
 

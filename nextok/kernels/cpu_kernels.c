@@ -479,3 +479,87 @@ float read_sum_f32(const float* a, int64_t n, int threads) {
   }
   return total;
 }
+
+// ---------------------------------------------------------------------------- a whole decode step
+// The decoder layers of a Llama-family model for B sequences that each add one token, in one
+// call: the same kernels in the same order as the per-op path (nextok/models/llama.py), without
+// returning to Python between them. Activations are float32 (float32 weights) or bf16 (bf16 or
+// int8 weights); a linear with a scale is int8.
+typedef struct {
+  const void* packed;
+  const void* bias;
+  const float* scale;
+  int64_t n;
+} Linear;
+
+typedef struct {
+  const void* input_norm;
+  const void* post_norm;
+  Linear qkv, o, gate_up, down;
+  void* k_cache;
+  void* v_cache;
+} DecoderLayer;
+
+static void run_linear(const Linear* L, const void* x, void* y, int64_t M, int64_t K, int use_bf16, int threads) {
+  if (L->scale)
+    linear_int8((const bf16*)x, (const int8_t*)L->packed, L->scale, (const bf16*)L->bias, (bf16*)y, M, K, L->n, threads);
+  else if (use_bf16)
+    linear_bf16((const bf16*)x, (const bf16*)L->packed, (const bf16*)L->bias, (bf16*)y, M, K, L->n, threads);
+  else
+    linear_f32((const float*)x, (const float*)L->packed, (const float*)L->bias, (float*)y, M, K, L->n, threads);
+}
+
+static void run_norm(const void* x, void* residual, const void* w, void* out, int64_t B, int64_t K, float eps, int use_bf16) {
+  if (use_bf16)
+    rms_norm_bf16((const bf16*)x, (bf16*)residual, (const bf16*)w, (bf16*)out, B, K, eps);
+  else
+    rms_norm_f32((const float*)x, (float*)residual, (const float*)w, (float*)out, B, K, eps);
+}
+
+// x (B, hidden): the token embeddings in, the final normalised hidden states out.
+void decode_layers(const DecoderLayer* layers, int64_t n_layers, const void* final_norm, void* x,
+                   const float* cos, const float* sin, const int64_t* slots, const int64_t* block_tables,
+                   int64_t max_blocks, const int64_t* context_lens, int64_t B, int64_t hidden, int64_t inner,
+                   int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float eps, float scale, int use_bf16,
+                   int threads) {
+  size_t el = use_bf16 ? 2 : 4;
+  int64_t heads = H + 2 * Hkv;
+  char* h = malloc(el * B * hidden);
+  char* delta = malloc(el * B * hidden);
+  char* qkv = malloc(el * B * heads * D);
+  char* attn = malloc(el * B * H * D);
+  char* gate_up = malloc(el * B * 2 * inner);
+  char* act = malloc(el * B * inner);
+  for (int64_t l = 0; l < n_layers; l++) {
+    const DecoderLayer* L = layers + l;
+    run_norm(l == 0 ? x : delta, l == 0 ? NULL : x, L->input_norm, h, B, hidden, eps, use_bf16);
+    run_linear(&L->qkv, h, qkv, B, hidden, use_bf16, threads);
+    if (use_bf16) {
+      rotary_store_bf16((bf16*)qkv, cos, sin, (bf16*)L->k_cache, (bf16*)L->v_cache, slots, B, H, Hkv, D);
+      decode_attention_bf16((const bf16*)qkv, heads * D, (const bf16*)L->k_cache, (const bf16*)L->v_cache,
+                            block_tables, max_blocks, context_lens, (bf16*)attn, B, H, Hkv, D, block_size, scale,
+                            threads);
+    } else {
+      rotary_store_f32((float*)qkv, cos, sin, (float*)L->k_cache, (float*)L->v_cache, slots, B, H, Hkv, D);
+      decode_attention_f32((const float*)qkv, heads * D, (const float*)L->k_cache, (const float*)L->v_cache,
+                           block_tables, max_blocks, context_lens, (float*)attn, B, H, Hkv, D, block_size, scale,
+                           threads);
+    }
+    run_linear(&L->o, attn, delta, B, H * D, use_bf16, threads);
+    run_norm(delta, x, L->post_norm, h, B, hidden, eps, use_bf16);
+    run_linear(&L->gate_up, h, gate_up, B, hidden, use_bf16, threads);
+    if (use_bf16)
+      silu_mul_bf16((const bf16*)gate_up, (bf16*)act, B, inner);
+    else
+      silu_mul_f32((const float*)gate_up, (float*)act, B, inner);
+    run_linear(&L->down, act, delta, B, inner, use_bf16, threads);
+  }
+  run_norm(delta, x, final_norm, h, B, hidden, eps, use_bf16);
+  memcpy(x, h, el * B * hidden);
+  free(h);
+  free(delta);
+  free(qkv);
+  free(attn);
+  free(gate_up);
+  free(act);
+}

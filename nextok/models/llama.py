@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextok.kernels import ops
+from nextok.kernels.decode import FusedDecoder
 from nextok.models.attention import AttentionMetadata, LayerKV, attend
 
 
@@ -258,6 +259,10 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions)  # (N, D) float32
         attention_inputs, attention_outputs = self._stages
         compiled = attention_inputs is not LlamaDecoderLayer.attention_inputs
+        if not compiled and kv_caches and attn_meta is not None and not attn_meta.is_prefill:
+            decoder = self._fused_decoder(kv_caches)
+            if decoder is not None and decoder.accepts(x):
+                return decoder(x, cos, sin, attn_meta)
         slots = None if compiled or attn_meta is None else attn_meta.slot_mapping
         delta = None
         for i, layer in enumerate(self.model.layers):
@@ -267,6 +272,16 @@ class LlamaForCausalLM(nn.Module):
             x, delta = attention_outputs(layer, x, attn)
         norm = self.model.norm
         return ops.add_rms_norm(delta, x, norm.weight, norm.eps)[1]
+
+    def _fused_decoder(self, kv_caches: list[LayerKV]) -> FusedDecoder | None:
+        """The one-call decode step over these caches (built once per cache), or None where it does not apply."""
+        k_cache = kv_caches[0][0]
+        key = (k_cache.data_ptr(), k_cache.shape, k_cache.dtype, len(kv_caches))
+        cached = getattr(self, "_decoder", None)
+        if cached is None or cached[0] != key:
+            cached = (key, FusedDecoder.build(self, kv_caches))
+            self._decoder = cached
+        return cached[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) float32
         return self.lm_head(hidden).float()

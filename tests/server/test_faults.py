@@ -10,7 +10,9 @@ import pytest
 
 from tests.server.conftest import STRICT
 
-LONG = {"max_tokens": 900, "temperature": 0, "extra_body": {"min_tokens": 900}}  # ~5 s on the tiny model
+# Requests that outlast every limit below: about 8,000 tokens take several seconds on the tiny model.
+LONG_TOKENS = 8000
+LONG = {"max_tokens": LONG_TOKENS, "temperature": 0, "extra_body": {"min_tokens": LONG_TOKENS}}
 
 
 def test_stream_disconnect_frees_kv_blocks_at_once(server, model_id):
@@ -25,12 +27,12 @@ def test_stream_disconnect_frees_kv_blocks_at_once(server, model_id):
     started = time.monotonic()
     after = server.wait_idle(baseline, timeout=3)
     assert after["kv_blocks_used"] == baseline and after["pending_requests"] == 0
-    assert time.monotonic() - started < 2  # long before the 900 tokens would have been generated
+    assert time.monotonic() - started < 2  # long before the LONG_TOKENS would have been generated
 
 
 def test_non_stream_disconnect_cancels(server, model_id):
     baseline = server.wait_idle(0)["kv_blocks_used"]
-    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": 900, "min_tokens": 900, "temperature": 0}
+    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": LONG_TOKENS, "min_tokens": LONG_TOKENS, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
     after = server.wait_idle(baseline, timeout=3)
@@ -70,7 +72,7 @@ def test_time_limit_ends_cleanly(strict_server, stream):
         assert result.choices[0].finish_reason == "length" and result.choices[0].text
         tokens = result.usage.completion_tokens
     assert time.monotonic() - started < STRICT["request_timeout"] + 2
-    assert 0 < tokens < 900
+    assert 0 < tokens < LONG_TOKENS
     after = strict_server.wait_idle(0)
     assert after["kv_blocks_used"] == 0 and after["pending_requests"] == 0
 
@@ -78,8 +80,8 @@ def test_time_limit_ends_cleanly(strict_server, stream):
 def test_time_limit_beam_search_returns_best_so_far(strict_server):
     client = strict_server.client(api_key=STRICT["api_key"])
     model = client.models.list().data[0].id
-    result = client.completions.create(model=model, prompt="Once upon a time", max_tokens=900, temperature=0, n=2,
-                                       extra_body={"num_beams": 4, "min_tokens": 900})
+    result = client.completions.create(model=model, prompt="Once upon a time", max_tokens=LONG_TOKENS, temperature=0, n=2,
+                                       extra_body={"num_beams": 4, "min_tokens": LONG_TOKENS})
     assert [c.index for c in result.choices] == [0, 1]
     assert all(c.finish_reason == "length" and c.text for c in result.choices)
     assert strict_server.wait_idle(0)["kv_blocks_used"] == 0

@@ -1,0 +1,63 @@
+"""The one-call decode step (FusedDecoder) computes what the per-op path computes."""
+
+import pytest
+import torch
+
+from nextok.engine.engine import LLMEngine
+from nextok.kernels import library
+from nextok.kernels.decode import FusedDecoder
+from nextok.models.llama import LlamaForCausalLM
+from nextok.models.quantize import quantize_int8
+from nextok.models.registry import build_model
+from nextok.params import SamplingParams
+from tests.models.helpers import llama_pair
+
+pytestmark = pytest.mark.skipif(library() is None, reason="nextok's CPU kernels need AVX-512 BF16 and a C compiler")
+
+PROMPTS = [[5, 9, 33, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [40]]
+
+
+def _model(dtype: str, **config):
+    ref, model = llama_pair(seed=3, **config)
+    if dtype == "float32":
+        return model
+    model = build_model(ref.config.to_dict(), ref.state_dict(), torch.bfloat16)
+    return quantize_int8(model) if dtype == "int8" else model
+
+
+def _run(model, fused: bool, monkeypatch) -> list:
+    calls = []
+    if fused:
+        real = FusedDecoder.__call__
+        monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    else:
+        monkeypatch.setattr(LlamaForCausalLM, "_fused_decoder", lambda self, kv: None)
+    model.__dict__.pop("_decoder", None)
+    engine = LLMEngine(model, eos_token_ids=[2], kv_cache_memory=8 << 20, block_size=4)
+    requests = [engine.add_request(p, SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=3)) for p in PROMPTS]
+    requests.append(engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6, num_beams=3, ignore_eos=True)))
+    while engine.has_unfinished():
+        engine.step()
+    monkeypatch.undo()
+    outputs = [engine.output(r).outputs for r in requests]
+    assert not fused or calls, "the fused decoder was not used"
+    return [[(c.token_ids, c.score, c.logprobs) for c in out] for out in outputs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("config", [{}, {"num_key_value_heads": 4}, {"qwen2": True, "num_key_value_heads": 1},
+                                    {"hidden_size": 96, "num_attention_heads": 3, "num_key_value_heads": 3}])
+def test_fused_decode_equals_the_per_op_path(dtype, config, monkeypatch):
+    model = _model(dtype, **config)
+    assert _run(model, True, monkeypatch) == _run(model, False, monkeypatch)
+
+
+def test_not_used_where_it_cannot_apply():
+    ref, model = llama_pair(seed=3)
+    fused = model._fused_decoder  # float32 model, kernels on: applies
+    kv = [(torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)) for _ in range(2)]
+    assert fused(kv) is not None
+    mixed = [(torch.zeros(4, 4, 2, 16, dtype=torch.bfloat16),) * 2 for _ in range(2)]  # cache dtype != weights
+    assert FusedDecoder.build(model, mixed) is None
+    unfused = build_model(ref.config.to_dict(), ref.state_dict(), fuse=False)
+    assert FusedDecoder.build(unfused, kv) is None
