@@ -4,6 +4,8 @@ The library is built with the system C compiler (`cc`, or $CC) for AVX-512 with 
 under $NEXTOK_CACHE/kernels (default ~/.cache/nextok/kernels), keyed by the source and flags.
 Where the CPU lacks those instructions, no compiler is found, the build fails, or
 NEXTOK_KERNELS=0 is set, `library()` returns None and every op falls back to PyTorch.
+On CPUs with AMX, bfloat16 and int8 products of more than 4 rows use the tile unit
+(NEXTOK_AMX=0 keeps them on AVX-512).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
+_amx = False
 
 _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
@@ -41,39 +44,51 @@ SIGNATURES = {
     "decode_attention_f32": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "decode_attention_bf16": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "read_sum_f32": [_P, _I64, _INT],
+    "amx_init": [],
     "decode_layers": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F, _F,
                       _INT, _INT],
 }
-RESTYPES = {"read_sum_f32": ctypes.c_float}
+RESTYPES = {"read_sum_f32": ctypes.c_float, "amx_init": ctypes.c_int}
 
 
 def enabled_by_environment() -> bool:
     return os.environ.get("NEXTOK_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def cpu_supported() -> bool:
+def cpu_flags() -> set[str]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return all(flag in flags for flag in REQUIRED_CPU_FLAGS)
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def cpu_supported() -> bool:
+    flags = cpu_flags()
+    return all(flag in flags for flag in REQUIRED_CPU_FLAGS)
+
+
+def amx_enabled() -> bool:
+    """Whether bfloat16 products of several rows run on AMX tiles (needs amx_bf16 and Linux's permission)."""
+    return library() is not None and _amx
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None where it cannot be used here."""
-    global _library, _tried
+    global _library, _tried, _amx
     if _tried:
         return _library
     with _lock:
         if not _tried:
             if enabled_by_environment() and cpu_supported():
                 _library = _load()
+                wanted = {"amx_tile", "amx_bf16"} <= cpu_flags() and os.environ.get("NEXTOK_AMX", "1") != "0"
+                _amx = _library is not None and wanted and bool(_library.amx_init())
             _tried = True
     return _library
 

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 typedef uint16_t bf16;
 
@@ -172,8 +174,106 @@ void linear_f32(const float* x, const float* packed, const float* bias, float* y
   }
 }
 
+// ------------------------------------------------------------------------------ AMX products
+// Where the CPU has AMX and Linux grants the tile state (amx_init), bfloat16 products of more
+// than a few rows (int8: a dozen, as the weights must be widened first) run on the tile unit: tdpbf16ps multiplies a (rows x 32) tile of x by a
+// (32 x 16) tile of W. The packed pair layout is AMX's B-tile layout already: 16 consecutive
+// pairs of one column block are one 1 KiB tile with rows 64 bytes apart.
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_ready = 0;
+
+int amx_init(void) {
+  amx_ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return amx_ready;
+}
+
+typedef struct {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} TileConfig;
+
+// Tiles 0, 1: C for two column blocks (rows x 16 float32); 2: A (rows x 32 bf16); 3, 4: B.
+static void amx_configure(int rows) {
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int t = 0; t < 5; t++) {
+    cfg.rows[t] = t >= 3 ? 16 : rows;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// A pair of column blocks (w: 2 x 16 columns, K x 16 x 2 layout each) times rows [m0, m0 + MT).
+static void amx_pair(const bf16* x, int64_t K, const bf16* w, bf16* y, int64_t N, int64_t n,
+                     const float* scale, const bf16* bias, int MT, float* cbuf) {
+  const bf16* w1 = w + K * 16;
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(2, x + k, K * 2);
+    _tile_loadd(3, w + k * 16, 64);
+    _tile_loadd(4, w1 + k * 16, 64);
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_dpbf16ps(1, 2, 4);
+  }
+  _tile_stored(0, cbuf, 64);
+  _tile_stored(1, cbuf + 256, 64);
+  for (int m = 0; m < MT; m++) {
+    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + m * 16), scale, bias, n, N);
+    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + 256 + m * 16), scale, bias, n + 16, N);
+  }
+}
+
+static int use_amx(int64_t M, int64_t K, int64_t min_rows) { return amx_ready && M >= min_rows && K % 32 == 0; }
+
+// The AMX product over all column-block pairs; `widen` (int8 weights) first turns each pair's
+// weights into bf16 in a per-thread buffer.
+static void linear_amx(const bf16* x, const void* packed, int widen, const float* scale, const bf16* bias,
+                       bf16* y, int64_t M, int64_t K, int64_t N, int threads) {
+  int64_t pairs = (N + 31) / 32;
+#pragma omp parallel num_threads(threads)
+  {
+    float* cbuf = (float*)aligned_alloc(64, 2 * 256 * sizeof(float));
+    bf16* wide = widen ? (bf16*)aligned_alloc(64, 32 * K * sizeof(bf16)) : NULL;
+    int configured = 0;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < pairs; t++) {
+      const bf16* w = (const bf16*)packed + t * 32 * K;
+      if (widen) {
+        const int8_t* q = (const int8_t*)packed + t * 32 * K;
+        for (int64_t i = 0; i < 32 * K; i += 32) {
+          __m256i v = _mm256_loadu_si256((const __m256i*)(q + i));
+          __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+          __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+          _mm512_store_si512(wide + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        w = wide;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        int MT = M - m0 >= 16 ? 16 : (int)(M - m0);
+        if (MT != configured) {
+          amx_configure(MT);
+          configured = MT;
+        }
+        amx_pair(x + m0 * K, K, w, y + m0 * N, N, t * 32, scale, bias, MT, cbuf);
+      }
+    }
+    if (configured) _tile_release();
+    free(cbuf);
+    free(wide);
+  }
+}
+
 void linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y,
                  int64_t M, int64_t K, int64_t N, int threads) {
+  if (use_amx(M, K, 5)) {
+    linear_amx(x, packed, 0, NULL, bias, y, M, K, N, threads);
+    return;
+  }
   int64_t pairs = (N + 31) / 32;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < pairs; t++) {
@@ -236,6 +336,10 @@ ALWAYS_INLINE void micro_int8(const int16_t* xq, const float* xscale, int64_t K,
 
 void linear_int8(const bf16* x, const int8_t* packed, const float* scale, const bf16* bias, bf16* y,
                  int64_t M, int64_t K, int64_t N, int threads) {
+  if (use_amx(M, K, 12)) {  // bf16 activations on the tile unit: faster from a dozen rows on
+    linear_amx(x, packed, 1, scale, bias, y, M, K, N, threads);
+    return;
+  }
   int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * M * K);
   float* xscale = (float*)malloc(sizeof(float) * M);
   for (int64_t m = 0; m < M; m++) {  // symmetric per-row quantization of the activations

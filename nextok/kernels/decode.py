@@ -32,13 +32,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _linear_spec(module: nn.Module) -> tuple[_Linear, torch.dtype, int] | None:
-    """(the structure, the activation dtype, the most rows the kernel serves) of a packed layer."""
+    """(the structure, the activation dtype, the most rows the kernel serves or None) of a packed layer."""
     packed = getattr(module, "packed", None)
     if packed is None:
         return None
     if packed.dtype == torch.int8:
-        return _Linear(packed.data_ptr(), _ptr(module.bias), module.scale_f32.data_ptr(), module.weight.shape[0]), \
-            torch.bfloat16, 64
+        return _Linear(packed.data_ptr(), _ptr(module.bias), module.scale_f32.data_ptr(), module.out_features), \
+            torch.bfloat16, None
     return _Linear(packed.data_ptr(), _ptr(module.bias), None, module.out_features), packed.dtype, module.kernel_rows
 
 
@@ -64,10 +64,10 @@ class FusedDecoder:
             layers.append(_Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                                  *(spec[0] for spec in specs), k_cache.data_ptr(), v_cache.data_ptr()))
         (self.dtype,) = dtypes  # FusedDecoder.build checked there is one
-        self.max_rows = min(rows)
+        limits = [r for r in rows if r is not None]
+        self.max_rows = min(limits) if limits else None
         self.layers = (_Layer * len(layers))(*layers)
         self.block_size = kv_caches[0][0].shape[1]
-        self.kv_key = kv_caches[0][0].data_ptr()
 
     @staticmethod
     def build(model: nn.Module, kv_caches: list[LayerKV]) -> FusedDecoder | None:
@@ -93,7 +93,8 @@ class FusedDecoder:
         return decoder if decoder.dtype in (torch.float32, torch.bfloat16) else None
 
     def accepts(self, x: torch.Tensor) -> bool:
-        return x.shape[0] <= self.max_rows and x.dtype == self.dtype and not torch.compiler.is_compiling()
+        fits = self.max_rows is None or x.shape[0] <= self.max_rows
+        return fits and x.dtype == self.dtype and not torch.compiler.is_compiling()
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x: (B, hidden) token embeddings; returns the final normalised hidden states (B, hidden)."""

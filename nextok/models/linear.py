@@ -1,10 +1,11 @@
-"""Linear layers laid out for decoding on the CPU.
+"""Linear layers laid out for the CPU.
 
-Decoding multiplies one row (or a few) by every weight matrix, so the layout of the weights
-decides the speed. With nextok's kernels (nextok/kernels) a layer also keeps its weights packed
-for them and takes the kernel for up to `kernel_rows` activation rows; larger products (prefill,
-big batches) stay on MKL / oneDNN. Without the kernels, float32 matrices are stored transposed,
-the layout MKL's matrix-vector product streams fastest.
+With nextok's kernels (nextok/kernels) a layer keeps its weights packed for them. The packed
+product matches or beats MKL and oneDNN at every batch size measured here (benchmarks/kernels.py)
+for float32, and for bfloat16 where the CPU has AMX; then the packed copy is the only one kept.
+Without AMX, oneDNN's bfloat16 product wins from about 8 rows, so bfloat16 layers also keep the
+(out, in) matrix for it. Without the kernels, float32 matrices are stored transposed, the layout
+MKL's matrix-vector product streams fastest.
 """
 
 from __future__ import annotations
@@ -13,31 +14,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextok.kernels import library
-from nextok.kernels.ops import pack_weight, packed_linear
+from nextok.kernels import amx_enabled, library
+from nextok.kernels.ops import pack_weight, packed_linear, unpack_weight
 
-# Up to how many activation rows the packed kernel beats MKL / oneDNN here (benchmarks/kernels.py):
-# float32 products stream at the memory bandwidth either way until ~64 rows; oneDNN's bfloat16
-# products use AMX tiles and win from ~16 rows.
-KERNEL_ROWS = {torch.float32: 64, torch.bfloat16: 8}
+BF16_ROWS_WITHOUT_AMX = 8  # above this many rows, oneDNN's bf16 product beats the AVX-512 kernel
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b, with W kept as loaded (N, K) and packed for the CPU kernels."""
+    """y = x W^T + b with W (N, K) packed for the CPU kernels (and kept as is where oneDNN serves large batches)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # (out, in); tied heads share it
-        self.register_buffer("packed", pack_weight(self.weight.data))
+        weight = linear.weight.detach()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("packed", pack_weight(weight))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.out_features, self.in_features = self.weight.shape
-        self.kernel_rows = KERNEL_ROWS[self.weight.dtype]
+        # None: the kernel serves every batch size
+        self.kernel_rows = BF16_ROWS_WITHOUT_AMX if weight.dtype == torch.bfloat16 and not amx_enabled() else None
+        self.dense = None if self.kernel_rows is None else nn.Parameter(weight, requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out, in) matrix (rebuilt from the packed one where only that is kept)."""
+        return self.dense if self.dense is not None else unpack_weight(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == self.weight.dtype and x.device.type == "cpu" and x.numel() <= self.kernel_rows * self.in_features
-                and not torch.compiler.is_compiling()):
+        small = self.kernel_rows is None or x.numel() <= self.kernel_rows * self.in_features
+        if small and x.dtype == self.packed.dtype and x.device.type == "cpu" and not torch.compiler.is_compiling():
             return packed_linear(x, self.packed, self.out_features, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.packed.dtype), self.weight, self.bias)
 
 
 class TransposedLinear(nn.Module):
@@ -60,14 +65,14 @@ class TransposedLinear(nn.Module):
 
 
 def layout_linears(model: nn.Module) -> nn.Module:
-    """Give every nn.Linear of a CPU model its decoding layout, in place (see the module docstring)."""
+    """Give every nn.Linear of a CPU model its layout for decoding, in place (see the module docstring)."""
     kernels = library() is not None
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
                 continue
             dtype = child.weight.dtype
-            if kernels and dtype in KERNEL_ROWS and (dtype == torch.float32 or child.in_features % 2 == 0):
+            if kernels and (dtype == torch.float32 or dtype == torch.bfloat16 and child.in_features % 2 == 0):
                 setattr(module, name, PackedLinear(child))
             elif dtype == torch.float32:
                 setattr(module, name, TransposedLinear(child))

@@ -275,8 +275,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _fused_decoder(self, kv_caches: list[LayerKV]) -> FusedDecoder | None:
         """The one-call decode step over these caches (built once per cache), or None where it does not apply."""
+        # Every cache tensor's address: a new engine's caches may reuse some of a freed one's.
         k_cache = kv_caches[0][0]
-        key = (k_cache.data_ptr(), k_cache.shape, k_cache.dtype, len(kv_caches))
+        key = (k_cache.shape, k_cache.dtype, *(t.data_ptr() for kv in kv_caches for t in kv))
         cached = getattr(self, "_decoder", None)
         if cached is None or cached[0] != key:
             cached = (key, FusedDecoder.build(self, kv_caches))

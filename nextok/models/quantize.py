@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from nextok.kernels import library
-from nextok.kernels.ops import pack_weight, packed_linear
+from nextok.models.linear import PackedLinear
+from nextok.kernels.ops import pack_weight, packed_linear, unpack_weight
 
 
 class Int8Linear(nn.Module):
@@ -20,21 +21,25 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Module) -> None:
         super().__init__()
         weight = linear.weight.detach().float()  # (out, in)
+        self.out_features, self.in_features = weight.shape
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("scale_f32", self.scale.float())
         bias = getattr(linear, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
-        usable = library() is not None and self.weight.device.type == "cpu" and self.weight.shape[1] % 2 == 0
-        self.register_buffer("packed", pack_weight(self.weight) if usable else None)
+        usable = library() is not None and weight.device.type == "cpu" and self.in_features % 2 == 0
+        # The packed copy is all the kernel needs; aten's product needs the (out, in) one.
+        self.register_buffer("packed", pack_weight(quantized) if usable else None)
+        self.register_buffer("weight", None if usable else quantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.to(torch.bfloat16)
         if self.packed is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return packed_linear(x, self.packed, self.weight.shape[0], self.bias, self.scale_f32)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
+            return packed_linear(x, self.packed, self.out_features, self.bias, self.scale_f32)
+        weight = self.weight if self.weight is not None else unpack_weight(self.packed, self.out_features)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), weight, self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], -1)
@@ -44,6 +49,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every linear layer (the tied head included, as a copy) with an Int8Linear, in place."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) or hasattr(child, "packed") and not isinstance(child, Int8Linear):
+            if isinstance(child, (nn.Linear, PackedLinear)):
                 setattr(module, child_name, Int8Linear(child))
     return model

@@ -61,3 +61,12 @@ def test_not_used_where_it_cannot_apply():
     assert FusedDecoder.build(model, mixed) is None
     unfused = build_model(ref.config.to_dict(), ref.state_dict(), fuse=False)
     assert FusedDecoder.build(unfused, kv) is None
+
+
+def test_a_new_cache_gets_a_new_decoder_even_where_some_tensors_reuse_old_addresses():
+    _, model = llama_pair(seed=3)
+    first = [(torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)) for _ in range(2)]
+    decoder = model._fused_decoder(first)
+    assert model._fused_decoder(first) is decoder
+    second = [first[0], (torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16))]  # layer 0 at the same address
+    assert model._fused_decoder(second) is not decoder
