@@ -90,12 +90,22 @@ def sample(logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) ->
     few finite logits (top-k, top-p), noise is drawn for those tokens only: the same noise the full
     draw would give them, so the result is identical, at a fraction of the cost.
     """
-    width = int(torch.isfinite(logits).sum(-1).max())
+    width = int((logits > float("-inf")).sum(-1).max())  # warped logits are finite or -inf
     if 0 < width <= logits.shape[-1] // 8:
         candidate_logits, candidates = torch.topk(logits, width, dim=-1)  # (B, width): every finite logit
-        noisy = candidate_logits + _gumbel(candidate_logits, seeds, counters, columns=candidates)
-        return candidates.gather(1, torch.argmax(noisy, dim=-1, keepdim=True))[:, 0]  # (B,)
+        return sample_among(candidate_logits, candidates, seeds, counters)
     return torch.argmax(logits + _gumbel(logits, seeds, counters), dim=-1)  # (B,)
+
+
+def sample_among(logits: torch.Tensor, columns: torch.Tensor, seeds: torch.Tensor,
+                 counters: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits of the vocabulary ids `columns` (B, K) -> (B,) token ids.
+
+    The draw `sample` makes on full rows whose other logits are -inf: each candidate gets the
+    noise the full draw gives its column.
+    """
+    noisy = logits + _gumbel(logits, seeds, counters, columns=columns)
+    return columns.gather(1, torch.argmax(noisy, dim=-1, keepdim=True))[:, 0]  # (B,)
 
 
 def sample_without_replacement(
