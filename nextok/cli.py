@@ -75,7 +75,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: from free memory)")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the layers' element-wise stages: slower start, faster steps")
+                       help="torch.compile the layers' element-wise stages (slower start, faster steps) where "
+                            "nextok's CPU kernels are off (NEXTOK_KERNELS=0); with them it only warns")
 
 
 def load_llm(args: argparse.Namespace):

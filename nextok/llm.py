@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from nextok import kernels
 from nextok.engine.engine import LLMEngine
 from nextok.engine.sequence import Request
 from nextok.models.loader import Checkpoint, default_model_path, load_checkpoint
@@ -31,7 +33,8 @@ class LLM:
     dtype: "float32" (exact), "bfloat16", "float16", "int8" (weight-only) or "auto" (fastest
     that this machine runs well). kv_cache_memory: bytes for the KV cache (default: sized from
     free memory). compile: torch.compile the layers' element-wise stages (slower start, faster
-    steps; Llama family).
+    steps; Llama family) where nextok's CPU kernels do not run the model: where they do, they are
+    faster, and compile=True only warns.
     """
 
     def __init__(
@@ -62,7 +65,12 @@ class LLM:
         if compile:
             if not hasattr(self.model, "compile_stages"):
                 raise ValueError(f"compile=True is supported for the Llama family, not {type(self.model).__name__}")
-            self.model.compile_stages()
+            if self.device.type == "cpu" and kernels.library() is not None:
+                warnings.warn("compile=True has no effect: nextok's CPU kernels run this model, and they are faster "
+                              "than torch.compile'd PyTorch ops here (NEXTOK_KERNELS=0 turns the kernels off)",
+                              stacklevel=2)
+            else:
+                self.model.compile_stages()
         del checkpoint
         self.eos_token_ids = _eos_token_ids(self.config, self.generation_config, self.tokenizer)
         self.engine = LLMEngine(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nextok import SamplingParams
+from nextok.kernels import library
 
 
 def test_text_and_token_ids_give_the_same_result(tiny_llm):
@@ -83,3 +84,12 @@ def test_bad_dtype_is_a_clear_error(tiny_model_dir):
 
     with pytest.raises(ValueError, match="dtype='float8'"):
         LLM(str(tiny_model_dir), dtype="float8")
+
+
+@pytest.mark.skipif(library() is None, reason="needs nextok's CPU kernels")
+def test_compile_only_warns_where_the_kernels_run_the_model(tiny_model_dir):
+    from nextok import LLM
+
+    with pytest.warns(UserWarning, match="compile=True has no effect"):
+        llm = LLM(str(tiny_model_dir), dtype="float32", compile=True, kv_cache_memory=16 << 20)
+    assert llm.generate("Hello", SamplingParams(max_new_tokens=3))[0].outputs[0].token_ids
