@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nextok.kernels import library
+from nextok.kernels.ops import _ptr
 from nextok.models.attention import AttentionMetadata, LayerKV
 
 
@@ -25,10 +26,6 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", _Linear), ("o", _Linear),
                 ("gate_up", _Linear), ("down", _Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _linear_spec(module: nn.Module) -> tuple[_Linear, torch.dtype, int] | None:
@@ -63,7 +60,7 @@ class FusedDecoder:
                            k_cache.dtype})
             layers.append(_Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                                  *(spec[0] for spec in specs), k_cache.data_ptr(), v_cache.data_ptr()))
-        (self.dtype,) = dtypes  # FusedDecoder.build checked there is one
+        (self.dtype,) = dtypes  # ValueError where weights, norms and cache differ in dtype
         limits = [r for r in rows if r is not None]
         self.max_rows = min(limits) if limits else None
         self.layers = (_Layer * len(layers))(*layers)
@@ -85,9 +82,8 @@ class FusedDecoder:
         tensors = [p for p in model.parameters()] + [t for kv in kv_caches for t in kv]
         if any(t.device.type != "cpu" for t in tensors):
             return None
-        decoder = FusedDecoder.__new__(FusedDecoder)
         try:
-            FusedDecoder.__init__(decoder, model, kv_caches, lib)
+            decoder = FusedDecoder(model, kv_caches, lib)
         except ValueError:  # mixed dtypes: the per-op path handles them
             return None
         return decoder if decoder.dtype in (torch.float32, torch.bfloat16) else None
