@@ -1,18 +1,15 @@
-"""nextok/models/loader.py and nextok/models/gguf.py: HF folders, GGUF files, the GGUF cache, errors.
+"""nextok/models/loader.py: the default model, HF folders, the GGUF cache's location, and load errors.
 
 Parity references: transformers' own GGUF loading (`from_pretrained(dir, gguf_file=...)`) for the default
-model and small written GGUF files, `gguf.quants.dequantize` for every quantization type, and
-`model.state_dict()` for folders written by `save_pretrained`. With tied embeddings, nextok's state dict
-has no `lm_head.weight` (the model ties it); transformers' state dict shows the embedding there.
+model, and `model.state_dict()` for folders written by `save_pretrained`. With tied embeddings, nextok's
+state dict has no `lm_head.weight` (the model ties it); transformers' state dict shows the embedding there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import gguf
@@ -20,189 +17,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize as gguf_dequantize
-from gguf.quants import quantize as gguf_quantize
 
 from nextok.errors import ModelLoadError
 from nextok.models import loader
-from nextok.models.gguf import dequantize
 from nextok.models.loader import SUPPORTED_ARCHITECTURES, Checkpoint, default_model_path, load_checkpoint
+from tests.models.checkpoints import (
+    assert_same_state_dict, llama_to_gguf, reference_state_dict, tiny_gpt2, tiny_llama, write_gguf,
+)
 
 transformers = pytest.importorskip("transformers")
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    # numpy, single-threaded: torch's threaded kernels crawl when the 2 CI cores are shared
-    a, b = a.float().numpy(), b.float().numpy()
-    return float(np.abs(a - b).max()) if a.size else 0.0
-
-
-def assert_same_state_dict(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], atol: float = 0.0) -> None:
-    assert set(ours) == set(ref)
-    for key, value in ref.items():
-        assert ours[key].shape == value.shape, key
-        assert ours[key].dtype == value.dtype, key
-        assert max_diff(ours[key], value) <= atol, key
-
-
-def reference_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """transformers' state dict in nextok's convention: no lm_head.weight when it is the tied embedding."""
-    sd = dict(model.state_dict())
-    if model.config.tie_word_embeddings:
-        assert sd["lm_head.weight"].data_ptr() == model.get_input_embeddings().weight.data_ptr()
-        del sd["lm_head.weight"]
-    return sd
-
-
-def tiny_llama(tie: bool = False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-                                      rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie)
-    return _randomized(transformers.LlamaForCausalLM(config))
-
-
-def tiny_qwen2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-                                      tie_word_embeddings=True)
-    return _randomized(transformers.Qwen2ForCausalLM(config))
-
-
-def tiny_gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    # n_positions stays at its default 1024: transformers' GGUF loading sets n_ctx, which GPT2Config ignores
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128)
-    return _randomized(transformers.GPT2LMHeadModel(config))
-
-
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():  # norms and biases are 1s and 0s at init: make every tensor distinct
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    return model.eval()
-
-
-def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]]) -> Path:
-    """A GGUF file as llama.cpp writes it; a tensor is a float32 array or (already quantized bytes, type)."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in metadata.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, list):
-            writer.add_array(key, value)
-        else:
-            writer.add_string(key, value)
-    for name, value in tensors.items():
-        if isinstance(value, tuple):
-            writer.add_tensor(name, value[0], raw_dtype=value[1])
-        else:
-            writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def quantized(w: np.ndarray, qtype: Q) -> np.ndarray | tuple[np.ndarray, Q]:
-    return w if qtype == Q.F32 else (gguf_quantize(w, qtype), qtype)
-
-
-def round_trip(w: np.ndarray, qtype: Q) -> np.ndarray:
-    """What a loader must return for a tensor stored as `qtype`: the reference dequantization."""
-    return w if qtype == Q.F32 else gguf_dequantize(gguf_quantize(w, qtype), qtype)
-
-
-def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf's reordering of q/k rows (test reference, written from its description)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-
-
-def llama_to_gguf(model: torch.nn.Module, path: Path, qtype: Q, name: str = "tiny") -> dict[str, torch.Tensor]:
-    """Write a Llama or Qwen2 `model` as llama.cpp would (2-D weights in `qtype`): the state dict to expect back."""
-    c = model.config
-    arch = c.model_type  # "llama" or "qwen2"
-    meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
-            "embedding_length": c.hidden_size, "feed_forward_length": c.intermediate_size,
-            "attention.head_count": c.num_attention_heads, "attention.head_count_kv": c.num_key_value_heads,
-            "rope.freq_base": float(c.rope_parameters["rope_theta"]),
-            "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "vocab_size": c.vocab_size,
-            "rope.dimension_count": c.hidden_size // c.num_attention_heads}
-    meta = {f"{arch}.{key}": value for key, value in meta.items()} | {"general.name": name}
-    tensors, expected = {}, {}
-    for hf_name, p in reference_state_dict(model).items():
-        w = p.numpy()
-        if hf_name == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif hf_name == "model.norm.weight":
-            name = "output_norm.weight"
-        elif hf_name == "lm_head.weight":
-            name = "output.weight"
-        else:
-            _, _, layer, rest = hf_name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            name = f"blk.{layer}.{LLAMA_BLOCK[module]}.{kind}"
-        stored = w
-        if arch == "llama" and ".attn_q." in name:
-            stored = permute(w, c.num_attention_heads)
-        elif arch == "llama" and ".attn_k." in name:
-            stored = permute(w, c.num_key_value_heads)
-        q = qtype if w.ndim == 2 else Q.F32
-        tensors[name] = quantized(stored, q)
-        expected[hf_name] = torch.from_numpy(round_trip(w, q))  # row permutation commutes with row-wise blocks
-    write_gguf(path, arch, meta, tensors)
-    return expected
-
-
-def gpt2_to_gguf(model: torch.nn.Module, path: Path, qtype: Q) -> dict[str, torch.Tensor]:
-    """Write GPT-2 as llama.cpp does: Conv1D weights transposed, output.weight written even though tied."""
-    c = model.config
-    meta = {"gpt2.block_count": c.n_layer, "gpt2.context_length": c.n_positions, "gpt2.embedding_length": c.n_embd,
-            "gpt2.feed_forward_length": 4 * c.n_embd, "gpt2.attention.head_count": c.n_head,
-            "gpt2.attention.layer_norm_epsilon": float(c.layer_norm_epsilon),
-            "tokenizer.ggml.tokens": [f"t{i}" for i in range(c.vocab_size)]}
-    tensors, expected = {}, {}
-    for hf_name, p in reference_state_dict(model).items():
-        w = p.numpy()
-        top = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
-               "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
-        if hf_name in top:
-            name = top[hf_name]
-        else:
-            _, _, layer, rest = hf_name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            name = f"blk.{layer}.{GPT2_BLOCK[module]}.{kind}"
-        q = qtype if w.ndim == 2 else Q.F32
-        if w.ndim == 2 and not name.startswith(("token_embd", "position_embd")):
-            tensors[name] = quantized(np.ascontiguousarray(w.T), q)
-            expected[hf_name] = torch.from_numpy(np.ascontiguousarray(round_trip(np.ascontiguousarray(w.T), q).T))
-        else:
-            tensors[name] = quantized(w, q)
-            expected[hf_name] = torch.from_numpy(round_trip(w, q))
-    tensors["output.weight"] = tensors["token_embd.weight"]
-    expected["lm_head.weight"] = expected["transformer.wte.weight"]
-    write_gguf(path, "gpt2", meta, tensors)
-    return expected
-
-
-def hf_gguf_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], transformers.PretrainedConfig]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return reference_state_dict(model), model.config
 
 
 # ------------------------------------------------------------------------------------------ the default model
@@ -345,129 +168,6 @@ def test_hf_folder_with_tokenizer(tmp_path: Path, first_load: Checkpoint) -> Non
     first_load.tokenizer.save(tmp_path)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.tokenizer is not None and ckpt.tokenizer.encode("Hello") == [19556]
-
-
-# ------------------------------------------------------------------------------------------ GGUF files
-
-FAST_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
-FALLBACK_TYPES = [Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL]
-
-
-@pytest.mark.parametrize("qtype", FAST_TYPES + FALLBACK_TYPES, ids=lambda q: q.name)
-def test_dequantize_matches_gguf(qtype: Q, tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    shape = (6, 2 * max(block, 32))
-    tensors = {}
-    if qtype in FAST_TYPES:  # real values through the reference quantizer
-        tensors["values"] = quantized(rng.normal(0, 2, shape).astype(np.float32), qtype)
-    raw = rng.integers(0, 256, (shape[0], shape[1] // block * type_size), dtype=np.uint8)  # any bit pattern
-    tensors["bits"] = (raw, qtype) if qtype != Q.F32 else raw.view(np.float32)
-    reader = gguf.GGUFReader(write_gguf(tmp_path / "t.gguf", "llama", {}, tensors))
-    for t in reader.tensors:
-        with np.errstate(all="ignore"):  # random bits hold NaN and inf scales
-            ours, ref = dequantize(t), gguf_dequantize(t.data, t.tensor_type).reshape(shape)
-        assert ours.dtype == np.float32 and ours.shape == shape and ours.flags.writeable
-        np.testing.assert_array_equal(ours, ref)
-
-
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
-def test_gguf_llama_round_trip(qtype: Q, tmp_path: Path) -> None:
-    """q/k rows come back in HF order (the llama.cpp permutation is undone), weights in every type."""
-    model = tiny_llama()
-    expected = llama_to_gguf(model, tmp_path / "tiny.gguf", qtype)
-    ckpt = load_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache")
-    assert_same_state_dict(ckpt.state_dict, expected)
-    assert ckpt.config["tie_word_embeddings"] is False and ckpt.tokenizer is None
-    if qtype == Q.F32:
-        assert_same_state_dict(ckpt.state_dict, reference_state_dict(model))
-
-
-@pytest.mark.parametrize("make,to_gguf,qtype", [
-    (tiny_llama, llama_to_gguf, Q.Q4_1),
-    (lambda: tiny_llama(tie=True), llama_to_gguf, Q.Q8_0),
-    (tiny_qwen2, llama_to_gguf, Q.Q4_0),
-    (tiny_gpt2, gpt2_to_gguf, Q.F32),
-    (tiny_gpt2, gpt2_to_gguf, Q.Q8_0),
-], ids=["llama-q4_1", "llama-tied-q8_0", "qwen2-tied-q4_0", "gpt2-f32", "gpt2-q8_0"])
-def test_gguf_matches_transformers(make, to_gguf, qtype: Q, tmp_path: Path) -> None:
-    model = make()
-    path = tmp_path / "tiny.gguf"
-    expected = to_gguf(model, path, qtype)
-    ckpt = load_checkpoint(path, cache_dir=tmp_path / "cache")
-    ref, ref_config = hf_gguf_state_dict(path)
-    assert_same_state_dict(ckpt.state_dict, ref, atol=1e-6)
-    assert_same_state_dict(ckpt.state_dict, expected)
-    assert ckpt.config["tie_word_embeddings"] == ref_config.tie_word_embeddings
-    assert ckpt.config["architectures"] == [type(model).__name__]
-    if isinstance(model, transformers.Qwen2ForCausalLM):
-        assert "model.layers.1.self_attn.k_proj.bias" in ckpt.state_dict  # q/k/v biases, rows not permuted
-    if isinstance(model, transformers.GPT2LMHeadModel):
-        assert ckpt.config["tie_word_embeddings"] is False  # llama.cpp writes output.weight for GPT-2
-        for key in ("n_embd", "n_head", "n_layer", "n_positions", "layer_norm_epsilon"):
-            assert ckpt.config[key] == pytest.approx(getattr(model.config, key), rel=1e-6), key
-        assert ckpt.config["layer_norm_epsilon"] == ref_config.layer_norm_epsilon  # the float32 stored in the file
-        assert ckpt.config["vocab_size"] == model.config.vocab_size
-
-
-def test_gguf_dtype_first_and_cached(tmp_path: Path) -> None:
-    path = tmp_path / "tiny.gguf"
-    expected = {k: v.to(torch.bfloat16) for k, v in llama_to_gguf(tiny_llama(), path, Q.Q4_1).items()}
-    for _ in ("converted", "cached"):
-        ckpt = load_checkpoint(path, dtype=torch.bfloat16, cache_dir=tmp_path / "cache")
-        assert_same_state_dict(ckpt.state_dict, expected)
-    with torch.no_grad():  # the tensors are the caller's own, not a read-only view of a file
-        ckpt.state_dict["model.norm.weight"].add_(1)
-
-
-def test_gguf_mistral_is_named_by_general_name(tmp_path: Path) -> None:
-    path = tmp_path / "mistral.gguf"
-    expected = llama_to_gguf(tiny_llama(), path, Q.F32, name="Mistral 7B Instruct v0.3")
-    ckpt = load_checkpoint(path, cache_dir=tmp_path / "cache")
-    assert ckpt.config["architectures"] == ["MistralForCausalLM"] and ckpt.config["model_type"] == "mistral"
-    assert_same_state_dict(ckpt.state_dict, expected)  # still stored with llama's q/k permutation
-
-
-def test_gguf_cache_is_written_atomically(tmp_path: Path, monkeypatch) -> None:
-    import safetensors.torch
-
-    path = tmp_path / "tiny.gguf"
-    expected = llama_to_gguf(tiny_llama(), path, Q.Q8_0)
-    cache = tmp_path / "cache"
-    real_save = safetensors.torch.save_file
-
-    def killed_mid_write(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(safetensors.torch, "save_file", killed_mid_write)
-    with pytest.raises(KeyboardInterrupt):
-        load_checkpoint(path, cache_dir=cache)
-    assert list(cache.iterdir()) == []  # neither a half cache nor a temporary folder
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    folder = loader.gguf_cache_folder(path, cache)
-    stale = cache / f".{folder.name}.killed.tmp"  # what a `kill -9` mid-write leaves
-    (stale / "model.safetensors").parent.mkdir()
-    (stale / "model.safetensors").write_bytes(b"half a file")
-    os.utime(stale, (time.time() - 2 * 3600,) * 2)
-    assert_same_state_dict(load_checkpoint(path, cache_dir=cache).state_dict, expected)
-    assert list(cache.iterdir()) == [folder]
-
-    # a cache damaged afterwards (disk trouble) is noticed, rebuilt, and never returned
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.warns(UserWarning, match="damaged GGUF cache"):
-        assert_same_state_dict(load_checkpoint(path, cache_dir=cache).state_dict, expected)
-    assert (folder / "model.safetensors").read_bytes() == data
-
-
-def test_gguf_unwritable_cache_still_loads(tmp_path: Path) -> None:
-    path = tmp_path / "tiny.gguf"
-    expected = llama_to_gguf(tiny_llama(), path, Q.F16)
-    (tmp_path / "not-a-dir").write_text("")
-    with pytest.warns(UserWarning, match="cannot write the GGUF cache"):
-        ckpt = load_checkpoint(path, cache_dir=tmp_path / "not-a-dir")
-    assert_same_state_dict(ckpt.state_dict, expected)
 
 
 # ------------------------------------------------------------------------------------------ errors
