@@ -80,7 +80,6 @@ class ModelRunner:
             block_tables=self._tensor(tables),
             context_lens=self._tensor([p + 1 for p in positions]),
         )
-        meta.build_decode_mask(bs)
         return self._tensor(ids), self._tensor(positions), meta, None
 
     def _tensor(self, values) -> torch.Tensor:

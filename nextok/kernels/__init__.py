@@ -21,6 +21,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from nextok.models.loader import default_cache_dir
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
@@ -94,8 +96,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("NEXTOK_CACHE") or Path.home() / ".cache" / "nextok"
-    return Path(root).expanduser() / "kernels"
+    return default_cache_dir() / "kernels"
 
 
 def _compiler() -> str | None:

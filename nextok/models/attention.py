@@ -32,6 +32,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int64
     context_lens: torch.Tensor | None = None  # (B,) int64
     decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool, built once per step
+    # where a layer needs it (the PyTorch decode path; the kernel reads context_lens)
 
     @property
     def is_prefill(self) -> bool:
@@ -83,6 +84,8 @@ def attend(
     if out is not None:
         return out
     # Without the kernel: gather each sequence's blocks into a padded (B, n_kv, L, D) view and mask the tail.
+    if meta.decode_mask is None:  # built by the first layer, shared by the rest
+        meta.build_decode_mask(k_cache.shape[1])
     batch = bt.shape[0]
     keys = k_cache[bt].flatten(1, 2).transpose(1, 2)  # (B, n_kv, L, D)
     values = v_cache[bt].flatten(1, 2).transpose(1, 2)  # (B, n_kv, L, D)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from nextok.kernels import library
-from nextok.models.linear import PackedLinear
 from nextok.kernels.ops import pack_weight, packed_linear, unpack_weight
+from nextok.models.linear import PackedLinear
 
 
 class Int8Linear(nn.Module):
