@@ -47,3 +47,15 @@ def test_beam_search_with_penalties_matches(default_llm, hf_default_model, promp
 def test_default_text_is_english(default_llm):
     text = default_llm.generate(PROMPT, SamplingParams(max_new_tokens=20))[0].outputs[0].text
     assert sum(ch.isalpha() for ch in text) > 20
+
+
+def test_float32_weights_stay_in_the_checkpoints_blocks(default_llm):
+    """The GGUF's Q4_1 layers and Q8_0 head run from their blocks (bit-exact float32, see ops.pack_blocks),
+    so the parity tests above cover that path."""
+    from nextok.kernels import library
+
+    if library() is None:
+        pytest.skip("nextok's CPU kernels need AVX-512 BF16 and a C compiler")
+    sizes = [m.packed.shape[-1] for m in default_llm.model.modules() if getattr(m, "packed", None) is not None]
+    assert sizes.count(384) == 4 * default_llm.model.config.num_hidden_layers  # qkv, o, gate_up, down: Q4_1
+    assert sizes.count(576) == 1  # the tied head: Q8_0

@@ -71,28 +71,95 @@ ALWAYS_INLINE void store_row_f32(float* y, __m512 v, const float* bias, int64_t 
 // CHUNK + K / CHUNK additions instead of K, about what a blocked BLAS product gives.
 #define CHUNK 32
 
-ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const float* w0, float* y, int64_t N, int64_t n,
-                             const float* bias, int MT, int KS) {
-  const float* w1 = w0 + K * 16;
+// float32 weights may also be kept in a block format, where every group of 32 weights along k in
+// one column shares a scale (and a minimum): the float32 values of a checkpoint stored as GGUF
+// Q4_1 or Q8_0 blocks, recognised exactly (pack_blocks in ops.py). The micro-kernel widens them
+// in registers to the very float32 values the dense matrix holds, w = q * scale + min (q * scale
+// is exact in float32, so the one rounding of the FMA is the dense value's), and then runs the
+// same FMAs in the same order: the products equal the dense ones bit for bit, from a fifth (Q4)
+// or a quarter (Q8) of the memory traffic.
+//   F32_Q4: per column block and group: scale[16] f32, min[16] f32, then 16 pairs of k x 16 bytes,
+//           byte j of pair p = q[2p][j] | q[2p + 1][j] << 4 (q unsigned, 0..15)
+//   F32_Q8: per column block and group: scale[16] f32, then 32 k x 16 int8 q
+enum { F32_DENSE = 0, F32_Q4 = 1, F32_Q8 = 2 };
+#define GROUP_BYTES(F) ((F) == F32_Q4 ? 384 : 576)
+#ifndef PREFETCH_GROUPS
+#define PREFETCH_GROUPS 4
+#endif
+
+// Bytes between two column blocks of a packed float32 matrix.
+ALWAYS_INLINE int64_t block_stride_f32(int64_t K, int F) {
+  return F == F32_DENSE ? K * 16 * 4 : K / CHUNK * GROUP_BYTES(F);
+}
+
+// Columns n..n+31 of MT rows over k in [k0, k1). totals == NULL: the whole K, stored in y.
+// Otherwise the running totals (MT x 32) are read from and written back to `totals`, and the
+// weights are one widened chunk (F32_DENSE, 32 k x 16 floats a block, the chunk at k0), so a
+// product of many rows widens each chunk once for all of them (linear_f32).
+ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const void* w0v, float* y, int64_t N, int64_t n,
+                             const float* bias, int MT, int KS, int F, int64_t k0, int64_t k1, float* totals) {
+  const char* w0 = (const char*)w0v;
+  const char* w1 = w0 + (totals ? CHUNK * 16 * 4 : block_stride_f32(K, F));
   __m512 a0[4][MAX_MT], a1[4][MAX_MT], t0[MAX_MT], t1[MAX_MT];
-  for (int m = 0; m < MT; m++) t0[m] = t1[m] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < K; c += CHUNK) {
+  for (int m = 0; m < MT; m++) {
+    t0[m] = totals ? _mm512_loadu_ps(totals + 32 * m) : _mm512_setzero_ps();
+    t1[m] = totals ? _mm512_loadu_ps(totals + 32 * m + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t c = k0; c < k1; c += CHUNK) {
     int64_t end = c + CHUNK < K ? c + CHUNK : K, k = c;
     for (int s = 0; s < KS; s++)
       for (int m = 0; m < MT; m++) a0[s][m] = a1[s][m] = _mm512_setzero_ps();
-#define STEP(S, KK)                                                                              \
-  {                                                                                              \
-    __m512 b0 = _mm512_loadu_ps(w0 + (KK) * 16), b1 = _mm512_loadu_ps(w1 + (KK) * 16);           \
-    for (int m = 0; m < MT; m++) {                                                               \
-      __m512 xv = _mm512_set1_ps(x[m * K + (KK)]);                                               \
-      a0[S][m] = _mm512_fmadd_ps(b0, xv, a0[S][m]);                                              \
-      a1[S][m] = _mm512_fmadd_ps(b1, xv, a1[S][m]);                                              \
-    }                                                                                            \
+#define FMA_ROWS(S, KK, B0, B1)                                                                  \
+  for (int m = 0; m < MT; m++) {                                                                 \
+    __m512 xv = _mm512_set1_ps(x[m * K + (KK)]);                                                 \
+    a0[S][m] = _mm512_fmadd_ps(B0, xv, a0[S][m]);                                                \
+    a1[S][m] = _mm512_fmadd_ps(B1, xv, a1[S][m]);                                                \
   }
-    for (; k + KS <= end; k += KS)
-      for (int s = 0; s < KS; s++) STEP(s, k + s)
-    for (; k < end; k++) STEP(0, k)
+    if (F == F32_DENSE) {
+      const float *d0 = (const float*)w0, *d1 = (const float*)w1;
+      int64_t first = totals ? k0 : 0;  // the k of the weights' first row
+#define STEP(S, KK) FMA_ROWS(S, KK, _mm512_loadu_ps(d0 + ((KK) - first) * 16), _mm512_loadu_ps(d1 + ((KK) - first) * 16))
+      for (; k + KS <= end; k += KS)
+        for (int s = 0; s < KS; s++) STEP(s, k + s)
+      for (; k < end; k++) STEP(0, k)
 #undef STEP
+    } else {  // K % CHUNK == 0 and KS is even: steps go in pairs, k and k + 1 to partial sums s and s + 1
+      const char *g0 = w0 + c / CHUNK * GROUP_BYTES(F), *g1 = w1 + c / CHUNK * GROUP_BYTES(F);
+      for (int line = 0; line < GROUP_BYTES(F); line += 64) {  // the widening leaves the prefetcher behind
+        _mm_prefetch(g0 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
+        _mm_prefetch(g1 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
+      }
+      __m512 s0 = _mm512_loadu_ps(g0), s1 = _mm512_loadu_ps(g1);
+      __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+      if (F == F32_Q4) m0 = _mm512_loadu_ps(g0 + 64), m1 = _mm512_loadu_ps(g1 + 64);
+      const char *q0 = g0 + (F == F32_Q4 ? 128 : 64), *q1 = g1 + (F == F32_Q4 ? 128 : 64);
+      const __m512i low = _mm512_set1_epi32(0x0F);
+#define WIDEN(Q, SC, MN) _mm512_fmadd_ps(_mm512_cvtepi32_ps(Q), SC, MN)
+#define STEP_PAIR(S, P)                                                                          \
+  {                                                                                              \
+    __m512 lo0, hi0, lo1, hi1;                                                                   \
+    if (F == F32_Q4) {                                                                           \
+      __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q0 + (P) * 16)));      \
+      __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q1 + (P) * 16)));      \
+      lo0 = WIDEN(_mm512_and_si512(v0, low), s0, m0), hi0 = WIDEN(_mm512_srli_epi32(v0, 4), s0, m0); \
+      lo1 = WIDEN(_mm512_and_si512(v1, low), s1, m1), hi1 = WIDEN(_mm512_srli_epi32(v1, 4), s1, m1); \
+    } else {                                                                                     \
+      const __m128i* p0 = (const __m128i*)(q0 + (P) * 32);                                       \
+      const __m128i* p1 = (const __m128i*)(q1 + (P) * 32);                                       \
+      lo0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p0))), s0);    \
+      hi0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p0 + 1))), s0); \
+      lo1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p1))), s1);    \
+      hi1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p1 + 1))), s1); \
+    }                                                                                            \
+    FMA_ROWS(S, c + 2 * (P), lo0, lo1)                                                           \
+    FMA_ROWS((S) + 1, c + 2 * (P) + 1, hi0, hi1)                                                 \
+  }
+      for (int p = 0; p < CHUNK / 2; p += KS / 2)
+        for (int s = 0; s < KS; s += 2) STEP_PAIR(s, p + s / 2)
+#undef STEP_PAIR
+#undef WIDEN
+    }
+#undef FMA_ROWS
     for (int m = 0; m < MT; m++)
       for (int s = 0; s < KS; s++) {
         t0[m] = _mm512_add_ps(t0[m], a0[s][m]);
@@ -100,8 +167,13 @@ ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const float* w0, float* 
       }
   }
   for (int m = 0; m < MT; m++) {
-    store_row_f32(y + m * N, t0[m], bias, n, N);
-    store_row_f32(y + m * N, t1[m], bias, n + 16, N);
+    if (totals) {
+      _mm512_storeu_ps(totals + 32 * m, t0[m]);
+      _mm512_storeu_ps(totals + 32 * m + 16, t1[m]);
+    } else {
+      store_row_f32(y + m * N, t0[m], bias, n, N);
+      store_row_f32(y + m * N, t1[m], bias, n + 16, N);
+    }
   }
 }
 
@@ -159,18 +231,82 @@ ALWAYS_INLINE void micro_bf16(const bf16* x, int64_t K, const bf16* w0, bf16* y,
     default: CALL(4, 2); break;                                                                  \
   }
 
-void linear_f32(const float* x, const float* packed, const float* bias, float* y,
-                int64_t M, int64_t K, int64_t N, int threads) {
-  int64_t pairs = (N + 31) / 32;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < pairs; t++) {
-    const float* w = packed + t * 32 * K;
+// Group g of one column block in a block format widened to float32, dst[k * 16 + j] for its 32 k.
+static void widen_group_f32(const char* w, int64_t g, int F, float* dst) {
+  const char* h = w + g * GROUP_BYTES(F);
+  __m512 scale = _mm512_loadu_ps(h), min = F == F32_Q4 ? _mm512_loadu_ps(h + 64) : _mm512_setzero_ps();
+  for (int p = 0; p < CHUNK / 2; p++) {
+    if (F == F32_Q4) {
+      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(h + 128 + p * 16)));
+      __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+      _mm512_storeu_ps(dst + 32 * p, _mm512_fmadd_ps(lo, scale, min));
+      _mm512_storeu_ps(dst + 32 * p + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, min));
+    } else {
+      for (int i = 0; i < 2; i++) {
+        __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(h + 64 + (2 * p + i) * 16)));
+        _mm512_storeu_ps(dst + 32 * p + 16 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale));
+      }
+    }
+  }
+}
+
+// One pair of column blocks, rows m0.. of x, for every chunk of k: the running totals of all the
+// rows stay in `totals` (M x 32), and each chunk of weights is widened once into `chunk`.
+static void widened_pair_f32(const float* x, const char* w, int64_t stride, int F, const float* bias, float* y,
+                             int64_t M, int64_t K, int64_t N, int64_t n, float* chunk, float* totals) {
+  memset(totals, 0, sizeof(float) * 32 * M);
+  for (int64_t c = 0; c < K; c += CHUNK) {
+    widen_group_f32(w, c / CHUNK, F, chunk);
+    widen_group_f32(w + stride, c / CHUNK, F, chunk + CHUNK * 16);
     for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
       int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
-#define CALL(mt, ks) micro_f32(x + m0 * K, K, w, y + m0 * N, N, t * 32, bias, mt, ks)
+#define CALL(mt, ks) micro_f32(x + m0 * K, K, chunk, NULL, N, n, NULL, mt, ks, F32_DENSE, c, c + CHUNK, totals + 32 * m0)
       DISPATCH_MT(CALL)
 #undef CALL
     }
+  }
+  for (int64_t m = 0; m < M; m++) {
+    store_row_f32(y + m * N, _mm512_loadu_ps(totals + 32 * m), bias, n, N);
+    store_row_f32(y + m * N, _mm512_loadu_ps(totals + 32 * m + 16), bias, n + 16, N);
+  }
+}
+
+// format: F32_DENSE, or a block format (K a multiple of 32), where products of more rows than one
+// micro-kernel takes widen each chunk of weights once for all rows (widened_pair_f32).
+void linear_f32(const float* x, const void* packed, int format, const float* bias, float* y,
+                int64_t M, int64_t K, int64_t N, int threads) {
+  int64_t pairs = (N + 31) / 32, stride = block_stride_f32(K, format);
+  int widen = format != F32_DENSE && M > MAX_MT;
+#pragma omp parallel num_threads(threads)
+  {
+    float* chunk = widen ? malloc(sizeof(float) * (2 * CHUNK * 16 + 32 * M)) : NULL;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < pairs; t++) {
+      const char* w = (const char*)packed + t * 2 * stride;
+      if (widen) {
+        widened_pair_f32(x, w, stride, format, bias, y, M, K, N, t * 32, chunk, chunk + 2 * CHUNK * 16);
+        continue;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
+        int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
+#define MICRO(mt, ks, F) micro_f32(x + m0 * K, K, w, y + m0 * N, N, t * 32, bias, mt, ks, F, 0, K, NULL)
+        if (format == F32_DENSE) {
+#define CALL(mt, ks) MICRO(mt, ks, F32_DENSE)
+          DISPATCH_MT(CALL)
+#undef CALL
+        } else if (format == F32_Q4) {
+#define CALL(mt, ks) MICRO(mt, ks, F32_Q4)
+          DISPATCH_MT(CALL)
+#undef CALL
+        } else {
+#define CALL(mt, ks) MICRO(mt, ks, F32_Q8)
+          DISPATCH_MT(CALL)
+#undef CALL
+        }
+#undef MICRO
+      }
+    }
+    free(chunk);
   }
 }
 
@@ -594,6 +730,7 @@ typedef struct {
   const void* bias;
   const float* scale;
   int64_t n;
+  int64_t format;  // float32 weights: F32_DENSE or a block format
 } Linear;
 
 typedef struct {
@@ -610,7 +747,7 @@ static void run_linear(const Linear* L, const void* x, void* y, int64_t M, int64
   else if (use_bf16)
     linear_bf16((const bf16*)x, (const bf16*)L->packed, (const bf16*)L->bias, (bf16*)y, M, K, L->n, threads);
   else
-    linear_f32((const float*)x, (const float*)L->packed, (const float*)L->bias, (float*)y, M, K, L->n, threads);
+    linear_f32((const float*)x, L->packed, (int)L->format, (const float*)L->bias, (float*)y, M, K, L->n, threads);
 }
 
 static void run_norm(const void* x, void* residual, const void* w, void* out, int64_t B, int64_t K, float eps, int use_bf16) {

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from nextok.kernels import library
-from nextok.kernels.ops import _ptr
+from nextok.kernels.ops import _ptr, block_format
 from nextok.models.attention import AttentionMetadata, LayerKV
 
 
 class _Linear(ctypes.Structure):
     _fields_ = [("packed", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("n", ctypes.c_int64)]
+                ("n", ctypes.c_int64), ("format", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -36,7 +36,8 @@ def _linear_spec(module: nn.Module) -> tuple[_Linear, torch.dtype, int] | None:
     if packed.dtype == torch.int8:
         return _Linear(packed.data_ptr(), _ptr(module.bias), module.scale_f32.data_ptr(), module.out_features), \
             torch.bfloat16, None
-    return _Linear(packed.data_ptr(), _ptr(module.bias), None, module.out_features), packed.dtype, module.kernel_rows
+    return (_Linear(packed.data_ptr(), _ptr(module.bias), None, module.out_features, block_format(packed)), module.dtype,
+            module.kernel_rows)
 
 
 class FusedDecoder:

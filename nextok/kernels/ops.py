@@ -57,11 +57,99 @@ def unpack_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(-1, packed.shape[1] * 2)[:n]
 
 
+# float32 weights in the block formats of cpu_kernels.c, named by their bytes per (16 columns x 32 k) group
+GROUP = 32
+Q4_GROUP_BYTES, Q8_GROUP_BYTES = 384, 576
+_BLOCK_FORMATS = {Q4_GROUP_BYTES: 1, Q8_GROUP_BYTES: 2}  # cpu_kernels.c: F32_Q4, F32_Q8
+
+
+def pack_blocks(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float32 (N, K) matrix in a block format of the kernels, where it holds its values exactly; else None.
+
+    A checkpoint stored as GGUF Q4_1 or Q8_0 blocks is float32 after loading, but every group of 32
+    weights along k of one row is still `q * scale + min` (Q4_1, q in 0..15) or `q * scale` (Q8_0,
+    q in -127..127) with a float16 scale. The kernel widens such groups back to those float32 values
+    in registers, so products over the blocks equal products over the dense matrix bit for bit while
+    reading a fifth (Q4) or a quarter (Q8) of the bytes. Each group is recovered from its values and
+    the whole matrix is checked bit for bit; a matrix with any group that does not fit stays dense.
+    Returns uint8 (N/16, K/32, group bytes), N padded with zero rows to a multiple of 32.
+    """
+    n, k = weight.shape
+    if weight.dtype != torch.float32 or k % GROUP or not torch.isfinite(weight).all():
+        return None
+    rows = (n + 31) // 32 * 32
+    groups = torch.zeros(rows, k, dtype=torch.float32)
+    groups[:n] = weight
+    groups = groups.view(rows, k // GROUP, GROUP)
+    for signed in (False, True):
+        if _fit(groups[:32], signed) is None:  # a first block of rows rules most formats out cheaply
+            continue
+        fit = _fit(groups, signed)
+        if fit is not None:
+            return _block_layout(*fit)
+    return None
+
+
+def _fit(groups: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(q, scale, minimum or None) that give back every value of `groups` (rows, groups, 32) exactly, or None."""
+    if signed:
+        scale, minimum, top = _half(groups.abs().amax(-1) / 127), None, 127
+    else:
+        minimum = groups.amin(-1)
+        scale, top = _half((groups.amax(-1) - minimum) / 15), 15
+    if not torch.isfinite(scale).all():
+        return None
+    centred = groups if minimum is None else groups - minimum[..., None]
+    q = torch.where(scale[..., None] > 0, centred / scale[..., None], torch.zeros(()))
+    q = q.round().clamp(-top if signed else 0, top) + 0.0  # + 0.0: no -0.0, as the kernel's integers
+    widened = q * scale[..., None] if minimum is None else q * scale[..., None] + minimum[..., None]
+    return (q, scale, minimum) if torch.equal(widened.view(torch.int32), groups.view(torch.int32)) else None
+
+
+def _half(v: torch.Tensor) -> torch.Tensor:
+    """v rounded to float16 precision (the block scales are float16 values, so q * scale is exact)."""
+    return v.to(torch.float16).float()
+
+
+def _block_layout(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+    rows, n_groups, _ = q.shape
+
+    def per_block(v: torch.Tensor) -> torch.Tensor:  # (rows, groups) float32 -> (rows/16, groups, 64) bytes
+        return v.view(rows // 16, 16, n_groups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    parts = [per_block(scale)]
+    if minimum is not None:
+        parts.append(per_block(minimum))
+        nibbles = q.to(torch.uint8).view(rows // 16, 16, n_groups, GROUP // 2, 2)
+        pairs = nibbles[..., 0] | (nibbles[..., 1] << 4)  # (blocks, 16 columns, groups, 16 pairs)
+        parts.append(pairs.permute(0, 2, 3, 1).reshape(rows // 16, n_groups, -1))
+    else:
+        values = q.to(torch.int8).view(rows // 16, 16, n_groups, GROUP)
+        parts.append(values.permute(0, 2, 3, 1).reshape(rows // 16, n_groups, -1).view(torch.uint8))
+    return torch.cat(parts, dim=-1).contiguous()
+
+
+def unpack_blocks(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_blocks: the float32 (N, K) matrix."""
+    blocks, n_groups, size = packed.shape
+    scale = packed[..., :64].contiguous().view(torch.float32)  # (blocks, groups, 16 columns)
+    if size == Q4_GROUP_BYTES:
+        minimum = packed[..., 64:128].contiguous().view(torch.float32)
+        pairs = packed[..., 128:].reshape(blocks, n_groups, GROUP // 2, 16)
+        q = torch.stack((pairs & 15, pairs >> 4), dim=3).reshape(blocks, n_groups, GROUP, 16).float()
+        w = q * scale[:, :, None] + minimum[:, :, None]
+    else:
+        q = packed[..., 64:].contiguous().view(torch.int8).reshape(blocks, n_groups, GROUP, 16).float()
+        w = q * scale[:, :, None]
+    return w.permute(0, 3, 1, 2).reshape(blocks * 16, n_groups * GROUP)[:n]
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W^T (+ bias) with W (N, K) given packed; int8 weights need `scale` (N,) float32.
 
-    float32 and bfloat16 weights take x of their dtype; int8 weights take bfloat16 x.
+    float32 weights (packed densely, or in a block format: uint8) and bfloat16 weights take x of
+    their dtype; int8 weights take bfloat16 x.
     """
     lib = library()
     if lib is None:
@@ -72,11 +160,16 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     args = (x.numel() // k, k, n, torch.get_num_threads())
     if packed.dtype == torch.int8:
         lib.linear_int8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), *args)
-    elif packed.dtype == torch.float32:
-        lib.linear_f32(x.data_ptr(), packed.data_ptr(), _ptr(bias), y.data_ptr(), *args)
+    elif packed.dtype in (torch.float32, torch.uint8):
+        lib.linear_f32(x.data_ptr(), packed.data_ptr(), block_format(packed), _ptr(bias), y.data_ptr(), *args)
     else:
         lib.linear_bf16(x.data_ptr(), packed.data_ptr(), _ptr(bias), y.data_ptr(), *args)
     return y
+
+
+def block_format(packed: torch.Tensor) -> int:
+    """The kernels' code for a packed matrix: 0 dense, else the block format of float32 weights (uint8)."""
+    return _BLOCK_FORMATS[packed.shape[-1]] if packed.dtype == torch.uint8 else 0
 
 
 # ------------------------------------------------------------------------------ element-wise

@@ -6,6 +6,9 @@ for float32, and for bfloat16 where the CPU has AMX; then the packed copy is the
 Without AMX, oneDNN's bfloat16 product wins from about 8 rows, so bfloat16 layers also keep the
 (out, in) matrix for it. Without the kernels, float32 matrices are stored transposed, the layout
 MKL's matrix-vector product streams fastest.
+
+float32 matrices that a quantized checkpoint (GGUF Q4_1, Q8_0) filled are kept in its block format
+(`ops.pack_blocks`): the kernel computes exactly the dense product from a fraction of the bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextok.kernels import amx_enabled, library
-from nextok.kernels.ops import pack_weight, packed_linear, unpack_weight
+from nextok.kernels.ops import pack_blocks, pack_weight, packed_linear, unpack_blocks, unpack_weight
 
 BF16_ROWS_WITHOUT_AMX = 8  # above this many rows, oneDNN's bf16 product beats the AVX-512 kernel
 
@@ -27,7 +30,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", pack_weight(weight))
+        blocks = pack_blocks(weight) if weight.dtype == torch.float32 else None
+        self.dtype = weight.dtype
+        self.register_buffer("packed", pack_weight(weight) if blocks is None else blocks)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         # None: the kernel serves every batch size
         self.kernel_rows = BF16_ROWS_WITHOUT_AMX if weight.dtype == torch.bfloat16 and not amx_enabled() else None
@@ -36,13 +41,17 @@ class PackedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The (out, in) matrix (rebuilt from the packed one where only that is kept)."""
-        return self.dense if self.dense is not None else unpack_weight(self.packed, self.out_features)
+        if self.dense is not None:
+            return self.dense
+        if self.packed.dtype == torch.uint8:
+            return unpack_blocks(self.packed, self.out_features)
+        return unpack_weight(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = self.kernel_rows is None or x.numel() <= self.kernel_rows * self.in_features
-        if small and x.dtype == self.packed.dtype and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if small and x.dtype == self.dtype and x.device.type == "cpu" and not torch.compiler.is_compiling():
             return packed_linear(x, self.packed, self.out_features, self.bias)
-        return F.linear(x.to(self.packed.dtype), self.weight, self.bias)
+        return F.linear(x.to(self.dtype), self.weight, self.bias)
 
 
 class TransposedLinear(nn.Module):

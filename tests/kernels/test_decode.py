@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
 
 from nextok.engine.engine import LLMEngine
 from nextok.kernels import library
 from nextok.kernels.decode import FusedDecoder
+from nextok.models import linear
 from nextok.models.llama import LlamaForCausalLM
 from nextok.models.quantize import quantize_int8
 from nextok.models.registry import build_model
@@ -17,9 +21,24 @@ pytestmark = pytest.mark.skipif(library() is None, reason="nextok's CPU kernels 
 PROMPTS = [[5, 9, 33, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [40]]
 
 
+def _gguf_valued(state_dict: dict) -> dict:
+    """The weights as a GGUF file holds them: matrices as Q4_1 blocks, the embeddings and head as Q8_0."""
+    out = {}
+    for name, w in state_dict.items():
+        if w.dim() == 2 and w.shape[1] % 32 == 0:
+            qtype = Q.Q8_0 if "embed" in name or "lm_head" in name else Q.Q4_1
+            w = torch.from_numpy(gguf_dequantize(gguf_quantize(w.numpy(), qtype), qtype).reshape(w.shape))
+        out[name] = w
+    return out
+
+
 def _model(dtype: str, **config):
     ref, model = llama_pair(seed=3, **config)
     if dtype == "float32":
+        return model
+    if dtype == "float32-blocks":
+        model = build_model(ref.config.to_dict(), _gguf_valued(ref.state_dict()))
+        assert any(getattr(m, "packed", None) is not None and m.packed.dtype == torch.uint8 for m in model.modules())
         return model
     model = build_model(ref.config.to_dict(), ref.state_dict(), torch.bfloat16)
     return quantize_int8(model) if dtype == "int8" else model
@@ -44,12 +63,26 @@ def _run(model, fused: bool, monkeypatch) -> list:
     return [[(c.token_ids, c.score, c.logprobs) for c in out] for out in outputs]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float32-blocks", "bfloat16", "int8"])
 @pytest.mark.parametrize("config", [{}, {"num_key_value_heads": 4}, {"qwen2": True, "num_key_value_heads": 1},
                                     {"hidden_size": 96, "num_attention_heads": 3, "num_key_value_heads": 3}])
 def test_fused_decode_equals_the_per_op_path(dtype, config, monkeypatch):
     model = _model(dtype, **config)
     assert _run(model, True, monkeypatch) == _run(model, False, monkeypatch)
+
+
+def test_block_format_weights_give_the_dense_results(monkeypatch):
+    """float32 weights kept as GGUF blocks (ops.pack_blocks) decode exactly as the dense float32 matrices."""
+    ref, _ = llama_pair(seed=3, hidden_size=96, intermediate_size=160, num_attention_heads=3, num_key_value_heads=3)
+    state_dict = _gguf_valued(ref.state_dict())
+    blocks = build_model(ref.config.to_dict(), state_dict)
+    monkeypatch.setattr(linear, "pack_blocks", lambda weight: None)
+    dense = build_model(ref.config.to_dict(), state_dict)
+    monkeypatch.undo()
+    formats = [m.packed.dtype for m in blocks.modules() if getattr(m, "packed", None) is not None]
+    assert formats and set(formats) == {torch.uint8}  # all: K is 96 or 160, multiples of 32
+    assert all(m.packed.dtype == torch.float32 for m in dense.modules() if getattr(m, "packed", None) is not None)
+    assert _run(blocks, True, monkeypatch) == _run(dense, True, monkeypatch)
 
 
 def test_not_used_where_it_cannot_apply():

@@ -1,8 +1,12 @@
 """Each hand-written kernel against the PyTorch formula it replaces."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
 
 from nextok.kernels import library, ops
 
@@ -38,6 +42,43 @@ def test_int8_packed_linear_matches_the_dequantised_product(rows, k, n):
     b = torch.randn(n, dtype=torch.bfloat16)
     expected = (x.float() @ (w.float() * scale[:, None]).t() + b.float()).bfloat16()
     close(ops.packed_linear(x, ops.pack_weight(w), n, b, scale), expected, 2e-2)
+
+
+def _gguf_values(n: int, k: int, qtype: Q, seed: int) -> torch.Tensor:
+    """A float32 matrix as a GGUF checkpoint of `qtype` holds it after dequantization."""
+    w = np.random.default_rng(seed).normal(0, 0.05, (n, k)).astype(np.float32)
+    return torch.from_numpy(gguf_dequantize(gguf_quantize(w, qtype), qtype).reshape(n, k))
+
+
+@pytest.mark.parametrize("qtype,group_bytes", [(Q.Q4_1, ops.Q4_GROUP_BYTES), (Q.Q8_0, ops.Q8_GROUP_BYTES)],
+                         ids=["q4_1", "q8_0"])
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 962), (1536, 577)])
+def test_block_format_products_equal_the_dense_ones_bit_for_bit(qtype, group_bytes, k, n):
+    w = _gguf_values(n, k, qtype, seed=k + n)
+    packed = ops.pack_blocks(w)
+    assert packed is not None and packed.dtype == torch.uint8 and packed.shape == ((n + 31) // 32 * 2, k // 32, group_bytes)
+    assert torch.equal(ops.unpack_blocks(packed, n).view(torch.int32), w.view(torch.int32))
+    dense = ops.pack_weight(w)
+    b = torch.randn(n)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17):  # the micro-kernels in registers, then widened chunks (more than 4 rows)
+        x = torch.randn(rows, k)
+        assert torch.equal(ops.packed_linear(x, packed, n), ops.packed_linear(x, dense, n)), rows
+        assert torch.equal(ops.packed_linear(x, packed, n, b), ops.packed_linear(x, dense, n, b)), rows
+        close(ops.packed_linear(x, packed, n, b), F.linear(x, w, b), 1e-5)
+
+
+def test_matrices_that_no_block_format_holds_stay_dense():
+    assert ops.pack_blocks(torch.randn(64, 64)) is None  # any float32 values
+    assert ops.pack_blocks(_gguf_values(64, 64, Q.Q8_0, 0).bfloat16()) is None  # float32 only
+    assert ops.pack_blocks(_gguf_values(8, 64, Q.Q8_0, 0)[:, :40].contiguous()) is None  # K not a multiple of 32
+    w = _gguf_values(64, 64, Q.Q4_1, 0)
+    w[5, 7] = torch.nextafter(w[5, 7], torch.tensor(1.0))  # one weight one float32 step away
+    assert ops.pack_blocks(w) is None
+    zeros = _gguf_values(64, 64, Q.Q8_0, 0)
+    zeros[3] = -0.0  # a group of negative zeros: the kernel's integers would make them +0.0
+    assert ops.pack_blocks(zeros) is None
+    w[5, 7] = float("nan")
+    assert ops.pack_blocks(w) is None
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
