@@ -59,6 +59,9 @@ ALWAYS_INLINE bf16 float_to_bf16(float f) {
 // N is padded with zero rows to a multiple of 32. Column tails are masked on store.
 
 #define MAX_MT 4
+// float32 takes up to 8 rows in one pass (5-8 with one partial sum each and the totals in memory),
+// so that a block-format matrix is widened once for a beam search's or a small batch's rows.
+#define MAX_MT_F32 8
 
 ALWAYS_INLINE void store_row_f32(float* y, __m512 v, const float* bias, int64_t n, int64_t N) {
   __mmask16 m = n >= N ? 0 : tail_mask16(N - n);
@@ -92,19 +95,19 @@ ALWAYS_INLINE int64_t block_stride_f32(int64_t K, int F) {
   return F == F32_DENSE ? K * 16 * 4 : K / CHUNK * GROUP_BYTES(F);
 }
 
-// Columns n..n+31 of MT rows over k in [k0, k1). totals == NULL: the whole K, stored in y.
-// Otherwise the running totals (MT x 32) are read from and written back to `totals`, and the
-// weights are one widened chunk (F32_DENSE, 32 k x 16 floats a block, the chunk at k0), so a
-// product of many rows widens each chunk once for all of them (linear_f32).
+// Columns n..n+31 of MT rows over k in [k0, k1). The running totals stay in registers where
+// totals == NULL (at most 4 rows), else in memory (MT x 32 floats), updated once a chunk: the
+// same additions in the same order either way. finish: add the bias and store the rows in y.
+// chunk: the weights are one chunk widened to the dense layout (32 k x 16 floats a block), the
+// chunk at k0, which linear_f32 widens once for all the rows of a block-format product.
 ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const void* w0v, float* y, int64_t N, int64_t n,
-                             const float* bias, int MT, int KS, int F, int64_t k0, int64_t k1, float* totals) {
+                             const float* bias, int MT, int KS, int F, int64_t k0, int64_t k1, float* totals,
+                             int chunk, int finish) {
   const char* w0 = (const char*)w0v;
-  const char* w1 = w0 + (totals ? CHUNK * 16 * 4 : block_stride_f32(K, F));
-  __m512 a0[4][MAX_MT], a1[4][MAX_MT], t0[MAX_MT], t1[MAX_MT];
-  for (int m = 0; m < MT; m++) {
-    t0[m] = totals ? _mm512_loadu_ps(totals + 32 * m) : _mm512_setzero_ps();
-    t1[m] = totals ? _mm512_loadu_ps(totals + 32 * m + 16) : _mm512_setzero_ps();
-  }
+  const char* w1 = w0 + (chunk ? CHUNK * 16 * 4 : block_stride_f32(K, F));
+  __m512 a0[4][MAX_MT_F32], a1[4][MAX_MT_F32], t0[MAX_MT_F32], t1[MAX_MT_F32];
+  if (!totals)
+    for (int m = 0; m < MT; m++) t0[m] = t1[m] = _mm512_setzero_ps();
   for (int64_t c = k0; c < k1; c += CHUNK) {
     int64_t end = c + CHUNK < K ? c + CHUNK : K, k = c;
     for (int s = 0; s < KS; s++)
@@ -117,13 +120,13 @@ ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const void* w0v, float* 
   }
     if (F == F32_DENSE) {
       const float *d0 = (const float*)w0, *d1 = (const float*)w1;
-      int64_t first = totals ? k0 : 0;  // the k of the weights' first row
+      int64_t first = chunk ? k0 : 0;  // the k of the weights' first row
 #define STEP(S, KK) FMA_ROWS(S, KK, _mm512_loadu_ps(d0 + ((KK) - first) * 16), _mm512_loadu_ps(d1 + ((KK) - first) * 16))
       for (; k + KS <= end; k += KS)
         for (int s = 0; s < KS; s++) STEP(s, k + s)
       for (; k < end; k++) STEP(0, k)
 #undef STEP
-    } else {  // K % CHUNK == 0 and KS is even: steps go in pairs, k and k + 1 to partial sums s and s + 1
+    } else {  // K % CHUNK == 0: steps go in pairs, k and k + 1 to partial sums s and s + 1 (KS 1: both to 0)
       const char *g0 = w0 + c / CHUNK * GROUP_BYTES(F), *g1 = w1 + c / CHUNK * GROUP_BYTES(F);
       for (int line = 0; line < GROUP_BYTES(F); line += 64) {  // the widening leaves the prefetcher behind
         _mm_prefetch(g0 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
@@ -152,28 +155,32 @@ ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const void* w0v, float* 
       hi1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p1 + 1))), s1); \
     }                                                                                            \
     FMA_ROWS(S, c + 2 * (P), lo0, lo1)                                                           \
-    FMA_ROWS((S) + 1, c + 2 * (P) + 1, hi0, hi1)                                                 \
+    FMA_ROWS(((S) + 1) % KS, c + 2 * (P) + 1, hi0, hi1)                                          \
   }
-      for (int p = 0; p < CHUNK / 2; p += KS / 2)
+      for (int p = 0; p < CHUNK / 2; p += KS > 1 ? KS / 2 : 1)
         for (int s = 0; s < KS; s += 2) STEP_PAIR(s, p + s / 2)
 #undef STEP_PAIR
 #undef WIDEN
     }
 #undef FMA_ROWS
-    for (int m = 0; m < MT; m++)
+    for (int m = 0; m < MT; m++) {
+      __m512 s0 = totals ? _mm512_loadu_ps(totals + 32 * m) : t0[m];
+      __m512 s1 = totals ? _mm512_loadu_ps(totals + 32 * m + 16) : t1[m];
       for (int s = 0; s < KS; s++) {
-        t0[m] = _mm512_add_ps(t0[m], a0[s][m]);
-        t1[m] = _mm512_add_ps(t1[m], a1[s][m]);
+        s0 = _mm512_add_ps(s0, a0[s][m]);
+        s1 = _mm512_add_ps(s1, a1[s][m]);
       }
-  }
-  for (int m = 0; m < MT; m++) {
-    if (totals) {
-      _mm512_storeu_ps(totals + 32 * m, t0[m]);
-      _mm512_storeu_ps(totals + 32 * m + 16, t1[m]);
-    } else {
-      store_row_f32(y + m * N, t0[m], bias, n, N);
-      store_row_f32(y + m * N, t1[m], bias, n + 16, N);
+      if (totals) {
+        _mm512_storeu_ps(totals + 32 * m, s0);
+        _mm512_storeu_ps(totals + 32 * m + 16, s1);
+      } else {
+        t0[m] = s0, t1[m] = s1;
+      }
     }
+  }
+  for (int m = 0; finish && m < MT; m++) {
+    store_row_f32(y + m * N, totals ? _mm512_loadu_ps(totals + 32 * m) : t0[m], bias, n, N);
+    store_row_f32(y + m * N, totals ? _mm512_loadu_ps(totals + 32 * m + 16) : t1[m], bias, n + 16, N);
   }
 }
 
@@ -250,63 +257,76 @@ static void widen_group_f32(const char* w, int64_t g, int F, float* dst) {
   }
 }
 
-// One pair of column blocks, rows m0.. of x, for every chunk of k: the running totals of all the
-// rows stay in `totals` (M x 32), and each chunk of weights is widened once into `chunk`.
-static void widened_pair_f32(const float* x, const char* w, int64_t stride, int F, const float* bias, float* y,
-                             int64_t M, int64_t K, int64_t N, int64_t n, float* chunk, float* totals) {
+// The rows of float32 tiles: at most 4 with the totals in registers, else 5-8 in one pass.
+ALWAYS_INLINE int tile_rows_f32(int64_t left) { return left > MAX_MT_F32 ? MAX_MT_F32 : (int)left; }
+
+// One tile of MT rows, all of K or the chunk [k0, k0 + CHUNK) (totals in memory).
+#define TILE_F32(MT, F, W, K0, K1, TOTALS, CHUNK_W, FINISH)                                       \
+  switch (MT) {                                                                                  \
+    case 1: micro_f32(X, K, W, Y, N, n, bias, 1, 4, F, K0, K1, TOTALS, CHUNK_W, FINISH); break; \
+    case 2: micro_f32(X, K, W, Y, N, n, bias, 2, 4, F, K0, K1, TOTALS, CHUNK_W, FINISH); break; \
+    case 3: micro_f32(X, K, W, Y, N, n, bias, 3, 2, F, K0, K1, TOTALS, CHUNK_W, FINISH); break; \
+    case 4: micro_f32(X, K, W, Y, N, n, bias, 4, 2, F, K0, K1, TOTALS, CHUNK_W, FINISH); break; \
+    case 5: micro_f32(X, K, W, Y, N, n, bias, 5, 1, F, K0, K1, SPILL, CHUNK_W, FINISH); break;  \
+    case 6: micro_f32(X, K, W, Y, N, n, bias, 6, 1, F, K0, K1, SPILL, CHUNK_W, FINISH); break;  \
+    case 7: micro_f32(X, K, W, Y, N, n, bias, 7, 1, F, K0, K1, SPILL, CHUNK_W, FINISH); break;  \
+    default: micro_f32(X, K, W, Y, N, n, bias, 8, 1, F, K0, K1, SPILL, CHUNK_W, FINISH); break; \
+  }
+
+// Columns n..n+31 of all M rows from one pair of column blocks.
+static void pair_f32(const float* x, const char* w, int F, const float* bias, float* y, int64_t M, int64_t K,
+                     int64_t N, int64_t n, float* scratch) {
+  float* spill = scratch;                                // the totals of a 5-8 row tile
+  float* chunk = scratch + 32 * MAX_MT_F32;              // one widened chunk, both blocks
+  float* totals = chunk + 2 * CHUNK * 16;                // M x 32: every row's totals, chunk by chunk
+  if (F == F32_DENSE || M <= MAX_MT_F32) {  // one pass over the weights per tile (one tile for a block format)
+    for (int64_t m0 = 0; m0 < M;) {
+      int MT = tile_rows_f32(M - m0);
+      if (MT > 4) memset(spill, 0, sizeof(float) * 32 * MT);
+#define X (x + m0 * K)
+#define Y (y + m0 * N)
+#define SPILL spill
+      if (F == F32_DENSE) TILE_F32(MT, F32_DENSE, w, 0, K, NULL, 0, 1)
+      else if (F == F32_Q4) TILE_F32(MT, F32_Q4, w, 0, K, NULL, 0, 1)
+      else TILE_F32(MT, F32_Q8, w, 0, K, NULL, 0, 1)
+#undef SPILL
+      m0 += MT;
+    }
+    return;
+  }
+  // A block format and more rows than one tile: widen each chunk once for all the tiles.
+  int64_t stride = block_stride_f32(K, F);
   memset(totals, 0, sizeof(float) * 32 * M);
   for (int64_t c = 0; c < K; c += CHUNK) {
     widen_group_f32(w, c / CHUNK, F, chunk);
     widen_group_f32(w + stride, c / CHUNK, F, chunk + CHUNK * 16);
-    for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
-      int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
-#define CALL(mt, ks) micro_f32(x + m0 * K, K, chunk, NULL, N, n, NULL, mt, ks, F32_DENSE, c, c + CHUNK, totals + 32 * m0)
-      DISPATCH_MT(CALL)
-#undef CALL
+    for (int64_t m0 = 0; m0 < M;) {
+      int MT = tile_rows_f32(M - m0);
+#define SPILL (totals + 32 * m0)
+      TILE_F32(MT, F32_DENSE, chunk, c, c + CHUNK, totals + 32 * m0, 1, 0)
+#undef SPILL
+      m0 += MT;
     }
   }
+#undef X
+#undef Y
   for (int64_t m = 0; m < M; m++) {
     store_row_f32(y + m * N, _mm512_loadu_ps(totals + 32 * m), bias, n, N);
     store_row_f32(y + m * N, _mm512_loadu_ps(totals + 32 * m + 16), bias, n + 16, N);
   }
 }
 
-// format: F32_DENSE, or a block format (K a multiple of 32), where products of more rows than one
-// micro-kernel takes widen each chunk of weights once for all rows (widened_pair_f32).
+// format: F32_DENSE, or a block format (K a multiple of 32).
 void linear_f32(const float* x, const void* packed, int format, const float* bias, float* y,
                 int64_t M, int64_t K, int64_t N, int threads) {
   int64_t pairs = (N + 31) / 32, stride = block_stride_f32(K, format);
-  int widen = format != F32_DENSE && M > MAX_MT;
 #pragma omp parallel num_threads(threads)
   {
-    float* chunk = widen ? malloc(sizeof(float) * (2 * CHUNK * 16 + 32 * M)) : NULL;
+    float* scratch = malloc(sizeof(float) * (32 * MAX_MT_F32 + 2 * CHUNK * 16 + 32 * M));
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < pairs; t++) {
-      const char* w = (const char*)packed + t * 2 * stride;
-      if (widen) {
-        widened_pair_f32(x, w, stride, format, bias, y, M, K, N, t * 32, chunk, chunk + 2 * CHUNK * 16);
-        continue;
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
-        int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
-#define MICRO(mt, ks, F) micro_f32(x + m0 * K, K, w, y + m0 * N, N, t * 32, bias, mt, ks, F, 0, K, NULL)
-        if (format == F32_DENSE) {
-#define CALL(mt, ks) MICRO(mt, ks, F32_DENSE)
-          DISPATCH_MT(CALL)
-#undef CALL
-        } else if (format == F32_Q4) {
-#define CALL(mt, ks) MICRO(mt, ks, F32_Q4)
-          DISPATCH_MT(CALL)
-#undef CALL
-        } else {
-#define CALL(mt, ks) MICRO(mt, ks, F32_Q8)
-          DISPATCH_MT(CALL)
-#undef CALL
-        }
-#undef MICRO
-      }
-    }
-    free(chunk);
+    for (int64_t t = 0; t < pairs; t++)
+      pair_f32(x, (const char*)packed + t * 2 * stride, format, bias, y, M, K, N, t * 32, scratch);
+    free(scratch);
   }
 }
 
