@@ -46,11 +46,13 @@ SIGNATURES = {
     "decode_attention_f32": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "decode_attention_bf16": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "read_sum_f32": [_P, _I64, _INT],
+    "top_k_f32": [_P, _I64, _I64, _I64, _P, _P, _INT],
+    "logsumexp_f32": [_P, _I64, _I64, _P, _INT],
     "amx_init": [],
     "decode_layers": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F, _F,
                       _INT, _INT],
 }
-RESTYPES = {"read_sum_f32": ctypes.c_float, "amx_init": ctypes.c_int}
+RESTYPES = {"read_sum_f32": ctypes.c_float, "amx_init": ctypes.c_int, "top_k_f32": ctypes.c_int64}
 
 
 def enabled_by_environment() -> bool:

@@ -740,6 +740,107 @@ float read_sum_f32(const float* a, int64_t n, int threads) {
   return total;
 }
 
+// ------------------------------------------------------------------------------- rows of logits
+// Sampling reads each row of the (B, V) logits twice: its k largest values and its logsumexp.
+// torch runs both on one thread here; these split the rows over the threads and read each row
+// once or twice with AVX-512.
+
+// Reorder v[0..n) (with their columns) so that v[0..k) are the k largest (quickselect, k <= n).
+static void select_largest(float* v, int32_t* col, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    float pivot = v[lo + (hi - lo) / 2];
+    int64_t i = lo, j = hi;
+    while (i <= j) {
+      while (v[i] > pivot) i++;
+      while (v[j] < pivot) j--;
+      if (i <= j) {
+        float tv = v[i];
+        int32_t tc = col[i];
+        v[i] = v[j], col[i] = col[j], v[j] = tv, col[j] = tc;
+        i++, j--;
+      }
+    }
+    if (k - 1 <= j) hi = j;       // the k-th largest lies left of the split
+    else if (k - 1 >= i) lo = i;  // right of it
+    else break;                   // between: equal to the pivot, in place
+  }
+}
+
+// values, columns (B, k): each row's k largest values in descending order (ties in any order).
+// Candidates at or above a running threshold are compress-stored into a buffer, which
+// select_largest cuts back to the k largest whenever it fills. NaN is never a candidate. Returns
+// the number of rows with fewer than k candidates (rows of NaN), which the caller must redo.
+int64_t top_k_f32(const float* x, int64_t B, int64_t V, int64_t k, float* values, int64_t* columns, int threads) {
+  int64_t capacity = 4 * k + 1024, short_rows = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : short_rows)
+  {
+    float* buf = malloc(sizeof(float) * (capacity + 16));
+    int32_t* col = malloc(sizeof(int32_t) * (capacity + 16));
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < B; r++) {
+      const float* row = x + r * V;
+      int64_t n = 0;
+      __m512 threshold = _mm512_set1_ps(-INFINITY);
+      for (int64_t c = 0; c < V; c += 16) {
+        __mmask16 m = tail_mask16(V - c);
+        __m512 v = _mm512_maskz_loadu_ps(m, row + c);
+        __mmask16 keep = m & _mm512_cmp_ps_mask(v, threshold, _CMP_GE_OQ);
+        if (!keep) continue;
+        _mm512_mask_compressstoreu_ps(buf + n, keep, v);
+        _mm512_mask_compressstoreu_epi32(col + n, keep, _mm512_add_epi32(_mm512_set1_epi32((int32_t)c), lanes));
+        n += __builtin_popcount(keep);
+        if (n > capacity - 16) {
+          select_largest(buf, col, n, k);
+          n = k;
+          float low = buf[0];
+          for (int64_t i = 1; i < k; i++) low = buf[i] < low ? buf[i] : low;
+          threshold = _mm512_set1_ps(low);
+        }
+      }
+      if (n < k) {
+        short_rows++;
+        continue;
+      }
+      select_largest(buf, col, n, k);
+      for (int64_t i = 1; i < k; i++) {  // insertion sort, descending: k is small next to V
+        float v = buf[i];
+        int32_t c = col[i];
+        int64_t j = i - 1;
+        for (; j >= 0 && buf[j] < v; j--) buf[j + 1] = buf[j], col[j + 1] = col[j];
+        buf[j + 1] = v, col[j + 1] = c;
+      }
+      for (int64_t i = 0; i < k; i++) values[r * k + i] = buf[i], columns[r * k + i] = col[i];
+    }
+    free(buf);
+    free(col);
+  }
+  return short_rows;
+}
+
+// out (B,): log(sum(exp(row))) of each row, the maximum taken out first.
+void logsumexp_f32(const float* x, int64_t B, int64_t V, float* out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < B; r++) {
+    const float* row = x + r * V;
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < V; c += 16)
+      best = _mm512_mask_max_ps(best, tail_mask16(V - c), best, _mm512_maskz_loadu_ps(tail_mask16(V - c), row + c));
+    float top = _mm512_reduce_max_ps(best);
+    if (isinf(top)) {  // all -inf, or an inf: what the formula gives without the NaN of inf - inf
+      out[r] = top;
+      continue;
+    }
+    __m512 sum = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
+    for (int64_t c = 0; c < V; c += 16) {
+      __mmask16 m = tail_mask16(V - c);
+      sum = _mm512_mask_add_ps(sum, m, sum, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + c), shift)));
+    }
+    out[r] = top + logf(_mm512_reduce_add_ps(sum));
+  }
+}
+
 // ---------------------------------------------------------------------------- a whole decode step
 // The decoder layers of a Llama-family model for B sequences that each add one token, in one
 // call: the same kernels in the same order as the per-op path (nextok/models/llama.py), without

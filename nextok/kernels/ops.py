@@ -256,3 +256,30 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), batch, n_head, k_cache.shape[2], dim,
         k_cache.shape[1], scale, torch.get_num_threads())
     return out
+
+
+# ------------------------------------------------------------------------------ rows of logits
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest of each row of x (B, V), descending, like torch.topk.
+
+    Tied values may come in another order than torch.topk's (its order for ties is unspecified too).
+    """
+    lib = _kernels(x)
+    if lib is None or x.dim() != 2 or x.dtype != torch.float32 or not 0 < k <= x.shape[1]:
+        return torch.topk(x, k, dim=-1)
+    values = torch.empty(x.shape[0], k)
+    indices = torch.empty(x.shape[0], k, dtype=torch.int64)
+    if lib.top_k_f32(x.data_ptr(), x.shape[0], x.shape[1], k, values.data_ptr(), indices.data_ptr(),
+                     torch.get_num_threads()):
+        return torch.topk(x, k, dim=-1)  # a row of NaN: torch's order for them
+    return values, indices
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(x, dim=-1) of a (B, V) float32 tensor."""
+    lib = _kernels(x)
+    if lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] == 0:
+        return torch.logsumexp(x, dim=-1)
+    out = torch.empty(x.shape[0])
+    lib.logsumexp_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out

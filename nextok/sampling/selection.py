@@ -10,8 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from nextok.kernels.ops import logsumexp, top_k
 from nextok.sampling.processors import RowBatch, apply_penalties, apply_warpers, processors_change_argmax
 from nextok.sampling.sampler import greedy, mix_seed, sample, sample_among, top_logprobs
+
+
+TIE_MARGIN = 16  # candidates past the k-th, for tokens tied with it (common in bfloat16 logits)
 
 
 @dataclass
@@ -48,7 +52,7 @@ def select_tokens(seqs: list, logits: torch.Tensor) -> SelectedTokens:
             chosen_sampled = sample(warped if len(sampled) == len(seqs) else warped[rows], seeds, counters)
         tokens[rows] = chosen_sampled
     # The chosen token's log-probability under the model: one reduction, no (B, V) log-softmax.
-    chosen = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (B,)
+    chosen = logits.gather(1, tokens[:, None])[:, 0] - logsumexp(logits)  # (B,)
     top: list[dict[int, float] | None] = [None] * len(seqs)
     wanted = max((p.logprobs or 0 for p in batch.params if p.logprobs is not None), default=None)
     if wanted is not None:
@@ -68,9 +72,10 @@ def sample_top_k_rows(scores: torch.Tensor, batch: RowBatch, sampled: list[int],
     Top-k comes right after temperature in transformers' order, and the later warpers (top-p,
     min-p, typical) only remove tokens and never look at -inf ones. So the warpers can run on the
     k best logits of each row instead of the whole vocabulary, and the draw gives each candidate
-    the noise of its own column: the same tokens at a fraction of the cost. None (use the full
-    rows) where a row has no top_k, k is large, or a tie at the k-th value reaches past the
-    candidates (transformers keeps every token tied with the k-th).
+    the noise of its own column: the same tokens at a fraction of the cost. transformers keeps
+    every token tied with the k-th value, so the candidates are the k best and TIE_MARGIN more, and
+    those below the k-th value are masked. None (use the full rows) where a row has no top_k, k is
+    large, or the ties at the k-th value reach past the margin.
     """
     params = [batch.params[i] for i in sampled]
     vocab = scores.shape[-1]
@@ -78,12 +83,11 @@ def sample_top_k_rows(scores: torch.Tensor, batch: RowBatch, sampled: list[int],
     if not all(ks) or max(ks) >= vocab // 8:
         return None
     sub = scores if len(sampled) == len(batch) else scores[torch.tensor(sampled)]  # (R, V)
-    values, columns = torch.topk(sub, max(ks) + 1, dim=-1)  # (R, k_max + 1): one past the largest k
-    k = torch.tensor(ks).unsqueeze(1)  # (R, 1)
-    kth = values.gather(1, k - 1)  # (R, 1)
-    if bool((values.gather(1, k) == kth).any()):  # a tie crosses the k-th place
+    values, columns = top_k(sub, min(max(ks) + TIE_MARGIN, vocab))  # (R, k_max + margin)
+    kth = values.gather(1, torch.tensor(ks).unsqueeze(1) - 1)  # (R, 1)
+    if values.shape[1] < vocab and bool((values[:, -1:] >= kth).any()):  # ties at the k-th run past the margin
         return None
-    values = values.masked_fill(torch.arange(values.shape[1]) >= k, float("-inf"))
+    values = values.masked_fill(values < kth, float("-inf"))
     rows = RowBatch(params=params, token_ids=[batch.token_ids[i] for i in sampled],
                     num_prompt_tokens=[batch.num_prompt_tokens[i] for i in sampled],
                     eos_token_ids=[batch.eos_token_ids[i] for i in sampled])

@@ -141,3 +141,28 @@ def test_decode_attention_reads_the_paged_cache(dtype, tol, n_head, n_kv, dim):
         values = v_cache.reshape(-1, n_kv, dim)[slots].float().transpose(0, 1)
         expected = F.scaled_dot_product_attention(q[b].float()[:, None], keys, values, scale=0.3, enable_gqa=True)
         close(out[b], expected.reshape(-1).to(dtype), tol)
+
+
+@pytest.mark.parametrize("rows,vocab,k", [(1, 49152, 66), (16, 49152, 50), (3, 2000, 1), (5, 100, 100), (4, 37, 20)])
+def test_top_k_and_logsumexp_match_torch(rows, vocab, k):
+    torch.manual_seed(rows + vocab + k)
+    x = torch.randn(rows, vocab) * 4
+    x[0, : vocab // 3] = float("-inf")  # masked tokens (logit_bias, penalties)
+    x[-1, 5:9] = x[-1].max() + 1  # a tie at the top
+    values, indices = ops.top_k(x, k)
+    expected = torch.topk(x, k, dim=-1).values
+    assert torch.equal(values, expected)
+    assert torch.equal(x.gather(1, indices), values)  # every index points at its value
+    assert all(len(set(r)) == k for r in indices.tolist())  # and no column twice
+    torch.testing.assert_close(ops.logsumexp(x), torch.logsumexp(x, dim=-1), atol=1e-5, rtol=1e-6)
+
+
+def test_top_k_and_logsumexp_edge_rows():
+    x = torch.full((2, 300), float("-inf"))
+    x[1, 7] = float("inf")
+    assert torch.equal(ops.logsumexp(x), torch.logsumexp(x, dim=-1))
+    nan = torch.randn(2, 300)
+    nan[1] = float("nan")  # fewer than k candidates: torch.topk's answer, NaN first
+    values, indices = ops.top_k(nan, 10)
+    expected = torch.topk(nan, 10, dim=-1)
+    assert torch.equal(values[0], expected.values[0]) and values[1].isnan().all()

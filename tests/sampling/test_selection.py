@@ -49,16 +49,38 @@ def test_top_k_fast_path_equals_the_full_rows(case, monkeypatch):
         assert fast.tokens == full.tokens and fast.logprobs == full.logprobs
 
 
-def test_a_tie_across_the_k_th_place_takes_the_full_rows(monkeypatch):
+def test_ties_at_the_k_th_place_within_the_margin_stay_on_the_fast_path(monkeypatch):
     logits = torch.randn(2, VOCAB)
     logits[:, :12] = 9.0  # 12 tokens tied for first place, top_k 5: transformers keeps all 12
+    params = [SamplingParams(do_sample=True, top_k=5)] * 2
+    drawn = set()
+    for step in range(60):
+        fast, full = _both(params, logits, step, monkeypatch)
+        assert fast.tokens == full.tokens
+        drawn.update(fast.tokens)
+    assert drawn - set(range(5))  # tokens past the 5th of the tie are drawn too
+    assert drawn <= set(range(12))
+
+
+def test_bfloat16_logits_full_of_ties_stay_exact(monkeypatch):
+    torch.manual_seed(7)
+    params = [SamplingParams(do_sample=True, top_k=50)] * 4
+    for step in range(25):
+        logits = (torch.randn(4, VOCAB) * 3).bfloat16().float()  # 8-bit mantissas: ties near the 50th are common
+        fast, full = _both(params, logits, step, monkeypatch)
+        assert fast.tokens == full.tokens and fast.logprobs == full.logprobs
+
+
+def test_ties_past_the_margin_take_the_full_rows(monkeypatch):
+    logits = torch.randn(2, VOCAB)
+    logits[:, :5 + selection.TIE_MARGIN + 10] = 9.0  # more tied tokens than the fast path fetches
     params = [SamplingParams(do_sample=True, top_k=5)] * 2
     calls = []
     real = selection.sample_top_k_rows
     monkeypatch.setattr(selection, "sample_top_k_rows", lambda *a: calls.append(real(*a)) or calls[-1])
     drawn = set()
-    for step in range(60):
+    for step in range(80):
         drawn.update(select_tokens(_seqs(params, step), logits).tokens)
     assert calls and all(c is None for c in calls)
-    assert drawn - set(range(5))  # tokens past the 5th of the tie are drawn too
-    assert drawn <= set(range(12))
+    assert drawn - set(range(5 + selection.TIE_MARGIN))  # tokens past the margin are drawn too
+    assert drawn <= set(range(5 + selection.TIE_MARGIN + 10))
