@@ -7,7 +7,7 @@ Same as `nextok bench`; llama.cpp and CTranslate2 columns appear once `make benc
 
 import sys
 
-from nextok.bench import build_parser, run_bench
+from nextok.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_bench(build_parser().parse_args()))
+    sys.exit(main(["bench", *sys.argv[1:]]))

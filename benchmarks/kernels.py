@@ -5,8 +5,10 @@
 One "step" is one product with every weight matrix of SmolLM2-135M as nextok fuses them (30 layers
 of q/k/v, o, gate/up and down, and the 49152 x 576 head), on `rows` activation rows, random
 weights. PyTorch's side: MKL on the (in, out) float32 layout, oneDNN bfloat16 F.linear, and
-aten's int8 weight-only product. The last table: how fast 2 threads stream 1 GiB, and what that
-allows for a batch-1 step of each weight dtype.
+aten's int8 weight-only product. "f32 blocks" is nextok's float32 product from the weights' GGUF
+blocks (ops.pack_blocks), on float32 matrices that hold Q4_1 values (the head: Q8_0), as the
+default model's do; its ratio is against the same torch float32 product. The last table: how
+fast 2 threads stream 1 GiB, and what that allows for a batch-1 step of each weight layout.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nextok.kernels import library
-from nextok.kernels.ops import pack_weight, packed_linear
+from nextok.kernels.ops import pack_blocks, pack_weight, packed_linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -32,6 +34,19 @@ def best_ms(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
+
+
+def gguf_valued(n: int, k: int, bits: int) -> torch.Tensor:
+    """A random (n, k) float32 matrix of GGUF block values: Q4_1 (bits 4) or Q8_0 (bits 8), groups of 32."""
+    shape = (n, k // 32, 32)
+    scale = (torch.rand(n, k // 32, 1) * 0.01 + 1e-3).half().float()
+    if bits == 8:
+        q = torch.randint(-127, 128, shape).float()
+        q[..., 0] = 127  # ggml's scale is the group's largest magnitude / 127
+        return (q * scale).view(n, k)
+    q = torch.randint(0, 16, shape).float()
+    q[..., 0], q[..., 1] = 0, 15  # ggml's scale spans the group's minimum to its maximum
+    return (q * scale - (torch.rand(n, k // 32, 1) * 0.05).half().float()).view(n, k)
 
 
 def main() -> None:
@@ -48,11 +63,13 @@ def main() -> None:
     int8 = [torch.randint(-127, 128, w.shape, dtype=torch.int8) for w in f32]
     scales = [torch.rand(w.shape[0]) / 100 for w in f32]
     packed = {"f32": [pack_weight(w) for w in f32], "bf16": [pack_weight(w) for w in bf16],
-              "int8": [pack_weight(w) for w in int8]}
+              "int8": [pack_weight(w) for w in int8],
+              "blocks": [pack_blocks(gguf_valued(n, k, 8 if n == 49152 else 4)) for n, k in SHAPES]}
     del f32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per step (best of 5), ratio = torch / nextok\n")
-    print("| rows | f32 torch | f32 nextok | ratio | bf16 torch | bf16 nextok | ratio | int8 torch | int8 nextok | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| rows | f32 torch | f32 nextok | ratio | f32 blocks | ratio | bf16 torch | bf16 nextok | ratio "
+          "| int8 torch | int8 nextok | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rows in [int(r) for r in args.rows.split(",")]:
         x = {k: torch.randn(rows, k) for k in (576, 1536)}
         xb = {k: v.bfloat16() for k, v in x.items()}
@@ -66,9 +83,13 @@ def main() -> None:
             best_ms(lambda: [packed_linear(xb[w.shape[1]], p, w.shape[0], scale=s)
                              for w, p, s in zip(int8, packed["int8"], scales)]),
         ]
+        blocks_ms = best_ms(lambda: [packed_linear(x[w.shape[0]], p, w.shape[1])
+                                     for w, p in zip(f32_t, packed["blocks"])])
         row = [f"{rows}"]
         for torch_ms, ours_ms in zip(cells[::2], cells[1::2]):
             row += [f"{torch_ms:.2f}", f"{ours_ms:.2f}", f"{torch_ms / ours_ms:.2f}x"]
+            if len(row) == 4:
+                row += [f"{blocks_ms:.2f}", f"{torch_ms / blocks_ms:.2f}x"]
         print("| " + " | ".join(row) + " |", flush=True)
 
     big = torch.ones(1 << 28)  # 1 GiB of float32
@@ -78,8 +99,10 @@ def main() -> None:
     print(f"\nmemory read: {bandwidth / 1e9:.1f} GB/s; a batch-1 step reads {weights / 1e6:.0f}M weights:")
     print("| weights | MB per step | ceiling tok/s |")
     print("|---|---|---|")
-    for name, size in (("float32", 4), ("bfloat16", 2), ("int8", 1)):
-        print(f"| {name} | {weights * size / 1e6:.0f} | {bandwidth / (weights * size):.0f} |")
+    block_bytes = sum(p.numel() for p in packed["blocks"])
+    for name, size in (("float32", 4 * weights), ("float32 in Q4_1/Q8_0 blocks", block_bytes),
+                       ("bfloat16", 2 * weights), ("int8", weights)):
+        print(f"| {name} | {size / 1e6:.0f} | {bandwidth / size:.0f} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ WORKLOADS = {
 }
 ENGINES = ["transformers:float32", "transformers:bfloat16", "nextok:float32", "nextok:bfloat16", "nextok:int8",
            "llama.cpp:q4_1", "ctranslate2:float32", "ctranslate2:int8"]
+_MODULES = {"nextok": "nextok", "transformers": "transformers", "llama.cpp": "llama_cpp", "ctranslate2": "ctranslate2"}
 _WORDS = ("the quick brown fox jumps over a lazy dog while people walk along the river and talk about "
           "music books weather science history cooking travel gardens cities mountains and the sea").split()
 
@@ -67,7 +68,7 @@ def make_workload(name: str, scale: float = 1.0) -> Workload:
     if name == "mixed-64":
         n = max(2, int(64 * scale))
         return Workload([prompt(rng.randint(10, 300)) for _ in range(n)], [s(rng.randint(32, 256)) for _ in range(n)])
-    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    raise ValueError(f"--workloads: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 
 
 def peak_rss_mb() -> float:
@@ -222,8 +223,7 @@ def _child(engine: str, workload: str, scale: float, model: str | None, timeout:
 def available(engine: str) -> bool:
     import importlib.util
 
-    module = {"nextok": "nextok", "transformers": "transformers", "llama.cpp": "llama_cpp",
-              "ctranslate2": "ctranslate2"}[engine.split(":")[0]]
+    module = _MODULES[engine.split(":")[0]]
     return importlib.util.find_spec(module) is not None
 
 
@@ -265,6 +265,9 @@ def run_bench(args: argparse.Namespace) -> int:
     for w in workloads:
         make_workload(w)  # validates the name
     engines = [e for e in args.engines.split(",") if e]
+    for e in engines:
+        if e not in ENGINES:
+            raise ValueError(f"--engines: unknown cell {e!r}; choose from {', '.join(ENGINES)}")
     skipped = [e for e in engines if not available(e)]
     engines = [e for e in engines if e not in skipped]
     if skipped:

@@ -18,11 +18,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         layers, n_kv, head_dim = model.kv_shape
-        shape = (num_blocks, block_size, n_kv, head_dim)
-        self.kv_caches: list[LayerKV] = [
-            (torch.zeros(shape, dtype=kv_dtype, device=self.device), torch.zeros(shape, dtype=kv_dtype, device=self.device))
-            for _ in range(layers)
-        ]
+        # One tensor (keys and values, layers, blocks, ...), so a copy on write is one op for all layers.
+        self.kv_storage = torch.zeros((2, layers, num_blocks, block_size, n_kv, head_dim), dtype=kv_dtype,
+                                      device=self.device)
+        self.kv_caches: list[LayerKV] = [(self.kv_storage[0, i], self.kv_storage[1, i]) for i in range(layers)]
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -44,9 +43,7 @@ class ModelRunner:
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        self.kv_storage[:, :, dst] = self.kv_storage[:, :, src]
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
