@@ -257,8 +257,13 @@ static void widen_group_f32(const char* w, int64_t g, int F, float* dst) {
   }
 }
 
-// The rows of float32 tiles: at most 4 with the totals in registers, else 5-8 in one pass.
-ALWAYS_INLINE int tile_rows_f32(int64_t left) { return left > MAX_MT_F32 ? MAX_MT_F32 : (int)left; }
+// The rows of the next float32 tile: a product of up to 8 rows is one tile (5-8: one partial sum
+// each, the totals in memory); larger ones go 4 rows at a time with the totals in registers,
+// which keeps a long prefill compute-bound on the FMAs. Every path tiles M the same way, so a
+// block-format product adds in the same order as the dense one.
+ALWAYS_INLINE int tile_rows_f32(int64_t M, int64_t left) {
+  return M <= MAX_MT_F32 ? (int)left : left > MAX_MT ? MAX_MT : (int)left;
+}
 
 // One tile of MT rows, all of K or the chunk [k0, k0 + CHUNK) (totals in memory).
 #define TILE_F32(MT, F, W, K0, K1, TOTALS, CHUNK_W, FINISH)                                       \
@@ -281,7 +286,7 @@ static void pair_f32(const float* x, const char* w, int F, const float* bias, fl
   float* totals = chunk + 2 * CHUNK * 16;                // M x 32: every row's totals, chunk by chunk
   if (F == F32_DENSE || M <= MAX_MT_F32) {  // one pass over the weights per tile (one tile for a block format)
     for (int64_t m0 = 0; m0 < M;) {
-      int MT = tile_rows_f32(M - m0);
+      int MT = tile_rows_f32(M, M - m0);
       if (MT > 4) memset(spill, 0, sizeof(float) * 32 * MT);
 #define X (x + m0 * K)
 #define Y (y + m0 * N)
@@ -301,7 +306,7 @@ static void pair_f32(const float* x, const char* w, int F, const float* bias, fl
     widen_group_f32(w, c / CHUNK, F, chunk);
     widen_group_f32(w + stride, c / CHUNK, F, chunk + CHUNK * 16);
     for (int64_t m0 = 0; m0 < M;) {
-      int MT = tile_rows_f32(M - m0);
+      int MT = tile_rows_f32(M, M - m0);
 #define SPILL (totals + 32 * m0)
       TILE_F32(MT, F32_DENSE, chunk, c, c + CHUNK, totals + 32 * m0, 1, 0)
 #undef SPILL
