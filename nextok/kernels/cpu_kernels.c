@@ -95,6 +95,27 @@ ALWAYS_INLINE int64_t block_stride_f32(int64_t K, int F) {
   return F == F32_DENSE ? K * 16 * 4 : K / CHUNK * GROUP_BYTES(F);
 }
 
+// Group g of a column block in a block format: its scale and minimum (0 for Q8); returns its q bytes.
+ALWAYS_INLINE const char* group_f32(const char* block, int64_t g, int F, __m512* scale, __m512* min) {
+  const char* h = block + g * GROUP_BYTES(F);
+  *scale = _mm512_loadu_ps(h);
+  *min = F == F32_Q4 ? _mm512_loadu_ps(h + 64) : _mm512_setzero_ps();
+  return h + (F == F32_Q4 ? 128 : 64);
+}
+
+// Steps k = 2p and 2p + 1 of a group's 16 columns, widened to their float32 values.
+ALWAYS_INLINE void widen_pair_f32(const char* q, int p, int F, __m512 scale, __m512 min, __m512* lo, __m512* hi) {
+  if (F == F32_Q4) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + p * 16)));
+    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))), scale, min);
+    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, min);
+  } else {
+    const __m128i* b = (const __m128i*)(q + p * 32);
+    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b))), scale);
+    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1))), scale);
+  }
+}
+
 // Columns n..n+31 of MT rows over k in [k0, k1). The running totals stay in registers where
 // totals == NULL (at most 4 rows), else in memory (MT x 32 floats), updated once a chunk: the
 // same additions in the same order either way. finish: add the bias and store the rows in y.
@@ -132,35 +153,20 @@ ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const void* w0v, float* 
         _mm_prefetch(g0 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
         _mm_prefetch(g1 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
       }
-      __m512 s0 = _mm512_loadu_ps(g0), s1 = _mm512_loadu_ps(g1);
-      __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
-      if (F == F32_Q4) m0 = _mm512_loadu_ps(g0 + 64), m1 = _mm512_loadu_ps(g1 + 64);
-      const char *q0 = g0 + (F == F32_Q4 ? 128 : 64), *q1 = g1 + (F == F32_Q4 ? 128 : 64);
-      const __m512i low = _mm512_set1_epi32(0x0F);
-#define WIDEN(Q, SC, MN) _mm512_fmadd_ps(_mm512_cvtepi32_ps(Q), SC, MN)
+      __m512 s0, s1, m0, m1;
+      const char* q0 = group_f32(w0, c / CHUNK, F, &s0, &m0);
+      const char* q1 = group_f32(w1, c / CHUNK, F, &s1, &m1);
 #define STEP_PAIR(S, P)                                                                          \
   {                                                                                              \
     __m512 lo0, hi0, lo1, hi1;                                                                   \
-    if (F == F32_Q4) {                                                                           \
-      __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q0 + (P) * 16)));      \
-      __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q1 + (P) * 16)));      \
-      lo0 = WIDEN(_mm512_and_si512(v0, low), s0, m0), hi0 = WIDEN(_mm512_srli_epi32(v0, 4), s0, m0); \
-      lo1 = WIDEN(_mm512_and_si512(v1, low), s1, m1), hi1 = WIDEN(_mm512_srli_epi32(v1, 4), s1, m1); \
-    } else {                                                                                     \
-      const __m128i* p0 = (const __m128i*)(q0 + (P) * 32);                                       \
-      const __m128i* p1 = (const __m128i*)(q1 + (P) * 32);                                       \
-      lo0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p0))), s0);    \
-      hi0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p0 + 1))), s0); \
-      lo1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p1))), s1);    \
-      hi1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p1 + 1))), s1); \
-    }                                                                                            \
+    widen_pair_f32(q0, P, F, s0, m0, &lo0, &hi0);                                                \
+    widen_pair_f32(q1, P, F, s1, m1, &lo1, &hi1);                                                \
     FMA_ROWS(S, c + 2 * (P), lo0, lo1)                                                           \
     FMA_ROWS(((S) + 1) % KS, c + 2 * (P) + 1, hi0, hi1)                                          \
   }
       for (int p = 0; p < CHUNK / 2; p += KS > 1 ? KS / 2 : 1)
         for (int s = 0; s < KS; s += 2) STEP_PAIR(s, p + s / 2)
 #undef STEP_PAIR
-#undef WIDEN
     }
 #undef FMA_ROWS
     for (int m = 0; m < MT; m++) {
@@ -240,20 +246,12 @@ ALWAYS_INLINE void micro_bf16(const bf16* x, int64_t K, const bf16* w0, bf16* y,
 
 // Group g of one column block in a block format widened to float32, dst[k * 16 + j] for its 32 k.
 static void widen_group_f32(const char* w, int64_t g, int F, float* dst) {
-  const char* h = w + g * GROUP_BYTES(F);
-  __m512 scale = _mm512_loadu_ps(h), min = F == F32_Q4 ? _mm512_loadu_ps(h + 64) : _mm512_setzero_ps();
+  __m512 scale, min, lo, hi;
+  const char* q = group_f32(w, g, F, &scale, &min);
   for (int p = 0; p < CHUNK / 2; p++) {
-    if (F == F32_Q4) {
-      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(h + 128 + p * 16)));
-      __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-      _mm512_storeu_ps(dst + 32 * p, _mm512_fmadd_ps(lo, scale, min));
-      _mm512_storeu_ps(dst + 32 * p + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, min));
-    } else {
-      for (int i = 0; i < 2; i++) {
-        __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(h + 64 + (2 * p + i) * 16)));
-        _mm512_storeu_ps(dst + 32 * p + 16 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale));
-      }
-    }
+    widen_pair_f32(q, p, F, scale, min, &lo, &hi);
+    _mm512_storeu_ps(dst + 32 * p, lo);
+    _mm512_storeu_ps(dst + 32 * p + 16, hi);
   }
 }
 
