@@ -51,7 +51,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of pack_weight: (N, K)."""
+    """The inverse of pack_weight (and of pack_blocks, for uint8 blocks): (N, K)."""
+    if packed.dtype == torch.uint8:
+        return unpack_blocks(packed, n)
     if packed.dim() == 3:
         return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
     return packed.transpose(1, 2).reshape(-1, packed.shape[1] * 2)[:n]

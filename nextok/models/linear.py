@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextok.kernels import amx_enabled, library
-from nextok.kernels.ops import pack_blocks, pack_weight, packed_linear, unpack_blocks, unpack_weight
+from nextok.kernels.ops import pack_blocks, pack_weight, packed_linear, unpack_weight
 
 BF16_ROWS_WITHOUT_AMX = 8  # above this many rows, oneDNN's bf16 product beats the AVX-512 kernel
 
@@ -30,7 +30,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         self.out_features, self.in_features = weight.shape
-        blocks = pack_blocks(weight) if weight.dtype == torch.float32 else None
+        blocks = pack_blocks(weight)  # None unless float32 in a block format
         self.dtype = weight.dtype
         self.register_buffer("packed", pack_weight(weight) if blocks is None else blocks)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -41,11 +41,7 @@ class PackedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The (out, in) matrix (rebuilt from the packed one where only that is kept)."""
-        if self.dense is not None:
-            return self.dense
-        if self.packed.dtype == torch.uint8:
-            return unpack_blocks(self.packed, self.out_features)
-        return unpack_weight(self.packed, self.out_features)
+        return self.dense if self.dense is not None else unpack_weight(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = self.kernel_rows is None or x.numel() <= self.kernel_rows * self.in_features

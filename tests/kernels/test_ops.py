@@ -58,6 +58,7 @@ def test_block_format_products_equal_the_dense_ones_bit_for_bit(qtype, group_byt
     packed = ops.pack_blocks(w)
     assert packed is not None and packed.dtype == torch.uint8 and packed.shape == ((n + 31) // 32 * 2, k // 32, group_bytes)
     assert torch.equal(ops.unpack_blocks(packed, n).view(torch.int32), w.view(torch.int32))
+    assert torch.equal(ops.unpack_weight(packed, n).view(torch.int32), w.view(torch.int32))  # what PackedLinear.weight calls
     dense = ops.pack_weight(w)
     b = torch.randn(n)
     for rows in (1, 2, 3, 4, 5, 8, 9, 17):  # the micro-kernels in registers, then widened chunks (more than 4 rows)
