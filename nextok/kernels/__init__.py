@@ -35,7 +35,7 @@ _amx = False
 _P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "linear_f32": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
-    "linear_bf16": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
+    "linear_bf16": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
     "linear_int8": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT],
     "rms_norm_f32": [_P, _P, _P, _P, _I64, _I64, _F],
     "rms_norm_bf16": [_P, _P, _P, _P, _I64, _I64, _F],

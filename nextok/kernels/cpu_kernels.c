@@ -103,17 +103,24 @@ ALWAYS_INLINE const char* group_f32(const char* block, int64_t g, int F, __m512*
   return h + (F == F32_Q4 ? 128 : 64);
 }
 
-// Steps k = 2p and 2p + 1 of a group's 16 columns, widened to their float32 values.
-ALWAYS_INLINE void widen_pair_f32(const char* q, int p, int F, __m512 scale, __m512 min, __m512* lo, __m512* hi) {
+// Pair p of a group's q bytes widened to two vectors of float32 values: lo from the low nibbles
+// (Q8: the first 16 bytes) with scale_lo and min_lo, hi from the high nibbles (the next 16 bytes).
+// In the float32 layout lo is step k = 2p and hi step 2p + 1 of the 16 columns, and both take the
+// group's scale and minimum; the bfloat16 layout (widen_group_bf16) orders the bytes otherwise.
+ALWAYS_INLINE void widen_pair(const char* q, int p, int F, __m512 scale_lo, __m512 min_lo, __m512 scale_hi,
+                              __m512 min_hi, __m512* lo, __m512* hi) {
   if (F == F32_Q4) {
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + p * 16)));
-    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))), scale, min);
-    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, min);
+    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))), scale_lo, min_lo);
+    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale_hi, min_hi);
   } else {
     const __m128i* b = (const __m128i*)(q + p * 32);
-    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b))), scale);
-    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1))), scale);
+    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b))), scale_lo);
+    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1))), scale_hi);
   }
+}
+ALWAYS_INLINE void widen_pair_f32(const char* q, int p, int F, __m512 scale, __m512 min, __m512* lo, __m512* hi) {
+  widen_pair(q, p, F, scale, min, scale, min, lo, hi);
 }
 
 // Columns n..n+31 of MT rows over k in [k0, k1). The running totals stay in registers where
@@ -389,29 +396,97 @@ static void amx_pair(const bf16* x, int64_t K, const bf16* w, bf16* y, int64_t N
 
 static int use_amx(int64_t M, int64_t K, int64_t min_rows) { return amx_ready && M >= min_rows && K % 32 == 0; }
 
-// The AMX product over all column-block pairs; `widen` (int8 weights) first turns each pair's
-// weights into bf16 in a per-thread buffer.
-static void linear_amx(const bf16* x, const void* packed, int widen, const float* scale, const bf16* bias,
+// bfloat16 weights may be kept in the block formats too (F32_Q4 / F32_Q8 groups, pack_blocks with
+// dtype bfloat16): their values are the float32 block values rounded to bf16, as casting the
+// dense float32 matrix rounds them (cvtne2ps rounds to nearest even; block values are never
+// denormal). Each group's q bytes are ordered so that the widened vectors fall straight into the
+// pair layout: lo holds columns 0-7 and hi columns 8-15, lane i being column i / 2 at step
+// 2p + i % 2, so one cvtne2ps gives pair p of the block.
+ALWAYS_INLINE void widen_group_bf16(const char* w, int64_t g, int F, bf16* dst) {
+  const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int line = 0; line < GROUP_BYTES(F); line += 64)
+    _mm_prefetch(w + (g + PREFETCH_GROUPS) * GROUP_BYTES(F) + line, _MM_HINT_T0);
+  __m512 scale, min, lo, hi;
+  const char* q = group_f32(w, g, F, &scale, &min);
+  __m512 scale_lo = _mm512_permutexvar_ps(first, scale), min_lo = _mm512_permutexvar_ps(first, min);
+  __m512 scale_hi = _mm512_permutexvar_ps(second, scale), min_hi = _mm512_permutexvar_ps(second, min);
+  for (int p = 0; p < CHUNK / 2; p++) {
+    widen_pair(q, p, F, scale_lo, min_lo, scale_hi, min_hi, &lo, &hi);
+    _mm512_store_si512(dst + p * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// Weights of a bf16-activation product: BF16_DENSE (the pair layout), a block format (F32_Q4,
+// F32_Q8, bfloat16 values) or int8 (the pair layout, one scale per output applied after).
+enum { BF16_DENSE = 0, BF16_INT8 = 3 };
+
+// Column-block pair t in the bf16 pair layout (2 x K x 16 values): in place where the weights
+// are bf16 already, else widened into `wide`.
+static const bf16* pair_weights_bf16(const void* packed, int format, int64_t t, int64_t K, bf16* wide) {
+  if (format == BF16_DENSE) return (const bf16*)packed + t * 32 * K;
+  if (format == BF16_INT8) {
+    const int8_t* q = (const int8_t*)packed + t * 32 * K;
+    for (int64_t i = 0; i < 32 * K; i += 32) {
+      __m256i v = _mm256_loadu_si256((const __m256i*)(q + i));
+      __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+      __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+      _mm512_store_si512(wide + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return wide;
+  }
+  const char* w = (const char*)packed + t * 2 * block_stride_f32(K, format);
+  for (int64_t g = 0; g < K / CHUNK; g++) {
+    widen_group_bf16(w, g, format, wide + g * 512);
+    widen_group_bf16(w + block_stride_f32(K, format), g, format, wide + 16 * K + g * 512);
+  }
+  return wide;
+}
+
+// amx_pair for a pair in a block format and at most 16 rows: each group of both blocks is widened
+// into a tile in L1 just before it is used (two buffers in turn), so the widening overlaps the
+// tile products and the weights are never written out whole.
+static void amx_pair_blocks(const bf16* x, int64_t K, const char* w, int F, bf16* y, int64_t N, int64_t n,
+                            const bf16* bias, int MT, float* cbuf, bf16* tiles) {
+  const char* w1 = w + block_stride_f32(K, F);
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t g = 0; g < K / CHUNK; g++) {
+    bf16* b = tiles + (g & 1) * 1024;
+    widen_group_bf16(w, g, F, b);
+    widen_group_bf16(w1, g, F, b + 512);
+    _tile_loadd(2, x + g * CHUNK, K * 2);
+    _tile_loadd(3, b, 64);
+    _tile_loadd(4, b + 512, 64);
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_dpbf16ps(1, 2, 4);
+  }
+  _tile_stored(0, cbuf, 64);
+  _tile_stored(1, cbuf + 256, 64);
+  for (int m = 0; m < MT; m++) {
+    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + m * 16), NULL, bias, n, N);
+    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + 256 + m * 16), NULL, bias, n + 16, N);
+  }
+}
+
+// The AMX product over all column-block pairs (format: as pair_weights_bf16).
+static void linear_amx(const bf16* x, const void* packed, int format, const float* scale, const bf16* bias,
                        bf16* y, int64_t M, int64_t K, int64_t N, int threads) {
   int64_t pairs = (N + 31) / 32;
 #pragma omp parallel num_threads(threads)
   {
     float* cbuf = (float*)aligned_alloc(64, 2 * 256 * sizeof(float));
-    bf16* wide = widen ? (bf16*)aligned_alloc(64, 32 * K * sizeof(bf16)) : NULL;
+    bf16* wide = format != BF16_DENSE ? (bf16*)aligned_alloc(64, (32 * K > 2048 ? 32 * K : 2048) * sizeof(bf16)) : NULL;
     int configured = 0;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < pairs; t++) {
-      const bf16* w = (const bf16*)packed + t * 32 * K;
-      if (widen) {
-        const int8_t* q = (const int8_t*)packed + t * 32 * K;
-        for (int64_t i = 0; i < 32 * K; i += 32) {
-          __m256i v = _mm256_loadu_si256((const __m256i*)(q + i));
-          __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-          __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-          _mm512_store_si512(wide + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
-        w = wide;
+      if (format != BF16_DENSE && format != BF16_INT8 && M <= 16) {
+        if (!configured) amx_configure(configured = (int)M);
+        amx_pair_blocks(x, K, (const char*)packed + t * 2 * block_stride_f32(K, format), format, y, N, t * 32,
+                        bias, (int)M, cbuf, wide);
+        continue;
       }
+      const bf16* w = pair_weights_bf16(packed, format, t, K, wide);
       for (int64_t m0 = 0; m0 < M; m0 += 16) {
         int MT = M - m0 >= 16 ? 16 : (int)(M - m0);
         if (MT != configured) {
@@ -427,22 +502,28 @@ static void linear_amx(const bf16* x, const void* packed, int widen, const float
   }
 }
 
-void linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y,
+// format: BF16_DENSE, or a block format of bfloat16 values (K a multiple of 32).
+void linear_bf16(const bf16* x, const void* packed, int format, const bf16* bias, bf16* y,
                  int64_t M, int64_t K, int64_t N, int threads) {
   if (use_amx(M, K, 5)) {
-    linear_amx(x, packed, 0, NULL, bias, y, M, K, N, threads);
+    linear_amx(x, packed, format, NULL, bias, y, M, K, N, threads);
     return;
   }
   int64_t pairs = (N + 31) / 32;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < pairs; t++) {
-    const bf16* w = packed + t * 32 * K;
-    for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
-      int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
+#pragma omp parallel num_threads(threads)
+  {
+    bf16* wide = format != BF16_DENSE ? (bf16*)aligned_alloc(64, (32 * K > 2048 ? 32 * K : 2048) * sizeof(bf16)) : NULL;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < pairs; t++) {
+      const bf16* w = pair_weights_bf16(packed, format, t, K, wide);
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_MT) {
+        int MT = M - m0 >= MAX_MT ? MAX_MT : (int)(M - m0);
 #define CALL(mt, ks) micro_bf16(x + m0 * K, K, w, y + m0 * N, N, t * 32, NULL, bias, mt, ks)
-      DISPATCH_MT(CALL)
+        DISPATCH_MT(CALL)
 #undef CALL
+      }
     }
+    free(wide);
   }
 }
 
@@ -496,7 +577,7 @@ ALWAYS_INLINE void micro_int8(const int16_t* xq, const float* xscale, int64_t K,
 void linear_int8(const bf16* x, const int8_t* packed, const float* scale, const bf16* bias, bf16* y,
                  int64_t M, int64_t K, int64_t N, int threads) {
   if (use_amx(M, K, 12)) {  // bf16 activations on the tile unit: faster from a dozen rows on
-    linear_amx(x, packed, 1, scale, bias, y, M, K, N, threads);
+    linear_amx(x, packed, BF16_INT8, scale, bias, y, M, K, N, threads);
     return;
   }
   int16_t* xq = (int16_t*)malloc(sizeof(int16_t) * M * K);
@@ -854,7 +935,7 @@ typedef struct {
   const void* bias;
   const float* scale;
   int64_t n;
-  int64_t format;  // float32 weights: F32_DENSE or a block format
+  int64_t format;  // float32 and bf16 weights: dense (0) or a block format
 } Linear;
 
 typedef struct {
@@ -869,7 +950,7 @@ static void run_linear(const Linear* L, const void* x, void* y, int64_t M, int64
   if (L->scale)
     linear_int8((const bf16*)x, (const int8_t*)L->packed, L->scale, (const bf16*)L->bias, (bf16*)y, M, K, L->n, threads);
   else if (use_bf16)
-    linear_bf16((const bf16*)x, (const bf16*)L->packed, (const bf16*)L->bias, (bf16*)y, M, K, L->n, threads);
+    linear_bf16((const bf16*)x, L->packed, (int)L->format, (const bf16*)L->bias, (bf16*)y, M, K, L->n, threads);
   else
     linear_f32((const float*)x, L->packed, (int)L->format, (const float*)L->bias, (float*)y, M, K, L->n, threads);
 }

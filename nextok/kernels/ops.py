@@ -50,10 +50,10 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return blocks.view(-1, 16, k // 2, 2).transpose(1, 2).contiguous()
 
 
-def unpack_weight(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of pack_weight (and of pack_blocks, for uint8 blocks): (N, K)."""
+def unpack_weight(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of pack_weight (and of pack_blocks, for uint8 blocks laid out for `dtype`): (N, K)."""
     if packed.dtype == torch.uint8:
-        return unpack_blocks(packed, n)
+        return unpack_blocks(packed, n, dtype)
     if packed.dim() == 3:
         return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]
     return packed.transpose(1, 2).reshape(-1, packed.shape[1] * 2)[:n]
@@ -65,7 +65,7 @@ Q4_GROUP_BYTES, Q8_GROUP_BYTES = 384, 576
 _BLOCK_FORMATS = {Q4_GROUP_BYTES: 1, Q8_GROUP_BYTES: 2}  # cpu_kernels.c: F32_Q4, F32_Q8
 
 
-def pack_blocks(weight: torch.Tensor) -> torch.Tensor | None:
+def pack_blocks(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """A float32 (N, K) matrix in a block format of the kernels, where it holds its values exactly; else None.
 
     A checkpoint stored as GGUF Q4_1 or Q8_0 blocks is float32 after loading, but every group of 32
@@ -75,7 +75,13 @@ def pack_blocks(weight: torch.Tensor) -> torch.Tensor | None:
     reading a fifth (Q4) or a quarter (Q8) of the bytes. Each group is recovered from its values and
     the whole matrix is checked bit for bit; a matrix with any group that does not fit stays dense.
     Returns uint8 (N/16, K/32, group bytes), N padded with zero rows to a multiple of 32.
+
+    dtype: the dtype the product computes in. bfloat16 products widen the groups to the float32
+    values rounded to bfloat16, which is what casting the dense matrix gives; their q bytes are
+    ordered for the bfloat16 pair layout (cpu_kernels.c, widen_group_bf16).
     """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"pack_blocks: products in {dtype} have no block format (float32 or bfloat16)")
     n, k = weight.shape
     if weight.dtype != torch.float32 or k % GROUP or not torch.isfinite(weight).all():
         return None
@@ -88,7 +94,7 @@ def pack_blocks(weight: torch.Tensor) -> torch.Tensor | None:
             continue
         fit = _fit(groups, signed)
         if fit is not None:
-            return _block_layout(*fit)
+            return _block_layout(*fit, interleaved=dtype == torch.bfloat16)
     return None
 
 
@@ -113,7 +119,8 @@ def _half(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16).float()
 
 
-def _block_layout(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+def _block_layout(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
+                  interleaved: bool) -> torch.Tensor:
     rows, n_groups, _ = q.shape
 
     def per_block(v: torch.Tensor) -> torch.Tensor:  # (rows, groups) float32 -> (rows/16, groups, 64) bytes
@@ -122,36 +129,46 @@ def _block_layout(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | 
     parts = [per_block(scale)]
     if minimum is not None:
         parts.append(per_block(minimum))
-        nibbles = q.to(torch.uint8).view(rows // 16, 16, n_groups, GROUP // 2, 2)
-        pairs = nibbles[..., 0] | (nibbles[..., 1] << 4)  # (blocks, 16 columns, groups, 16 pairs)
-        parts.append(pairs.permute(0, 2, 3, 1).reshape(rows // 16, n_groups, -1))
+    # (blocks, groups, 16 pairs, lo | hi, 16 lanes): which q each byte (Q4: each nibble) of a pair holds
+    steps = q.view(rows // 16, 16, n_groups, GROUP // 2, 2).permute(0, 2, 3, 4, 1)  # (..., step in pair, column)
+    if interleaved:  # lo: columns 0-7, hi: 8-15, lane i = column i // 2 at step i % 2
+        halves = steps.reshape(*steps.shape[:3], 2, 2, 8).permute(0, 1, 2, 4, 5, 3)  # (..., half, column, step)
+        lanes = halves.reshape(*steps.shape[:3], 2, 16)
+    else:  # lo: step 2p, hi: step 2p + 1, lane j = column j
+        lanes = steps
+    if minimum is not None:
+        nibbles = lanes.to(torch.uint8)
+        parts.append((nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows // 16, n_groups, -1))
     else:
-        values = q.to(torch.int8).view(rows // 16, 16, n_groups, GROUP)
-        parts.append(values.permute(0, 2, 3, 1).reshape(rows // 16, n_groups, -1).view(torch.uint8))
+        parts.append(lanes.to(torch.int8).reshape(rows // 16, n_groups, -1).view(torch.uint8))
     return torch.cat(parts, dim=-1).contiguous()
 
 
-def unpack_blocks(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of pack_blocks: the float32 (N, K) matrix."""
+def unpack_blocks(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of pack_blocks(weight, dtype): the (N, K) matrix of `dtype`."""
     blocks, n_groups, size = packed.shape
     scale = packed[..., :64].contiguous().view(torch.float32)  # (blocks, groups, 16 columns)
     if size == Q4_GROUP_BYTES:
         minimum = packed[..., 64:128].contiguous().view(torch.float32)
         pairs = packed[..., 128:].reshape(blocks, n_groups, GROUP // 2, 16)
-        q = torch.stack((pairs & 15, pairs >> 4), dim=3).reshape(blocks, n_groups, GROUP, 16).float()
-        w = q * scale[:, :, None] + minimum[:, :, None]
+        lanes = torch.stack((pairs & 15, pairs >> 4), dim=3).float()  # (blocks, groups, 16 pairs, lo | hi, 16)
     else:
-        q = packed[..., 64:].contiguous().view(torch.int8).reshape(blocks, n_groups, GROUP, 16).float()
-        w = q * scale[:, :, None]
-    return w.permute(0, 3, 1, 2).reshape(blocks * 16, n_groups * GROUP)[:n]
+        lanes = packed[..., 64:].contiguous().view(torch.int8).reshape(blocks, n_groups, GROUP // 2, 2, 16).float()
+    if dtype == torch.bfloat16:  # (..., half, column, step) back to (..., step, column)
+        lanes = lanes.reshape(blocks, n_groups, GROUP // 2, 2, 8, 2).permute(0, 1, 2, 5, 3, 4)
+    q = lanes.reshape(blocks, n_groups, GROUP, 16)  # (blocks, groups, k, column)
+    w = q * scale[:, :, None]
+    if size == Q4_GROUP_BYTES:
+        w = w + minimum[:, :, None]
+    return w.permute(0, 3, 1, 2).reshape(blocks * 16, n_groups * GROUP)[:n].to(dtype)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W^T (+ bias) with W (N, K) given packed; int8 weights need `scale` (N,) float32.
 
-    float32 weights (packed densely, or in a block format: uint8) and bfloat16 weights take x of
-    their dtype; int8 weights take bfloat16 x.
+    float32 and bfloat16 weights (packed densely, or uint8 blocks laid out for that dtype by
+    pack_blocks) take x of their dtype; int8 weights take bfloat16 x.
     """
     lib = library()
     if lib is None:
@@ -162,15 +179,15 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
     args = (x.numel() // k, k, n, torch.get_num_threads())
     if packed.dtype == torch.int8:
         lib.linear_int8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), *args)
-    elif packed.dtype in (torch.float32, torch.uint8):
+    elif x.dtype == torch.float32:
         lib.linear_f32(x.data_ptr(), packed.data_ptr(), block_format(packed), _ptr(bias), y.data_ptr(), *args)
     else:
-        lib.linear_bf16(x.data_ptr(), packed.data_ptr(), _ptr(bias), y.data_ptr(), *args)
+        lib.linear_bf16(x.data_ptr(), packed.data_ptr(), block_format(packed), _ptr(bias), y.data_ptr(), *args)
     return y
 
 
 def block_format(packed: torch.Tensor) -> int:
-    """The kernels' code for a packed matrix: 0 dense, else the block format of float32 weights (uint8)."""
+    """The kernels' code for a packed matrix: 0 dense, else its block format (uint8 blocks)."""
     return _BLOCK_FORMATS[packed.shape[-1]] if packed.dtype == torch.uint8 else 0
 
 

@@ -9,6 +9,8 @@ MKL's matrix-vector product streams fastest.
 
 float32 matrices that a quantized checkpoint (GGUF Q4_1, Q8_0) filled are kept in its block format
 (`ops.pack_blocks`): the kernel computes exactly the dense product from a fraction of the bytes.
+bfloat16 layers do the same where the CPU has AMX: the kernel widens the blocks to the float32
+values rounded to bfloat16, so the product equals the one over the cast dense matrix bit for bit.
 """
 
 from __future__ import annotations
@@ -26,22 +28,26 @@ BF16_ROWS_WITHOUT_AMX = 8  # above this many rows, oneDNN's bf16 product beats t
 class PackedLinear(nn.Module):
     """y = x W^T + b with W (N, K) packed for the CPU kernels (and kept as is where oneDNN serves large batches)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None) -> None:
+        """dtype: the layer's dtype (default: the weight's). float32 weights become bfloat16 here where
+        asked, after their block format (if any) was read from the float32 values."""
         super().__init__()
         weight = linear.weight.detach()
+        self.dtype = dtype = dtype or weight.dtype
         self.out_features, self.in_features = weight.shape
-        blocks = pack_blocks(weight)  # None unless float32 in a block format
-        self.dtype = weight.dtype
-        self.register_buffer("packed", pack_weight(weight) if blocks is None else blocks)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         # None: the kernel serves every batch size
-        self.kernel_rows = BF16_ROWS_WITHOUT_AMX if weight.dtype == torch.bfloat16 and not amx_enabled() else None
+        self.kernel_rows = BF16_ROWS_WITHOUT_AMX if dtype == torch.bfloat16 and not amx_enabled() else None
+        blocks = pack_blocks(weight, dtype) if self.kernel_rows is None else None  # None unless in a block format
+        weight = weight.to(dtype)
+        self.register_buffer("packed", pack_weight(weight) if blocks is None else blocks)
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.dense = None if self.kernel_rows is None else nn.Parameter(weight, requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
         """The (out, in) matrix (rebuilt from the packed one where only that is kept)."""
-        return self.dense if self.dense is not None else unpack_weight(self.packed, self.out_features)
+        return self.dense if self.dense is not None else unpack_weight(self.packed, self.out_features, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = self.kernel_rows is None or x.numel() <= self.kernel_rows * self.in_features
@@ -69,16 +75,31 @@ class TransposedLinear(nn.Module):
         return torch.addmm(self.bias, x, self.weight_t) if x.dim() == 2 else x @ self.weight_t + self.bias
 
 
-def layout_linears(model: nn.Module) -> nn.Module:
-    """Give every nn.Linear of a CPU model its layout for decoding, in place (see the module docstring)."""
+def reads_float32(dtype: torch.dtype) -> bool:
+    """Whether layout_linears(model, dtype) can keep layers in a block format and so wants their float32 values.
+
+    A block format is recognised from the float32 values a quantized checkpoint filled
+    (ops.pack_blocks); bfloat16 layers keep it where the AMX product serves every batch size.
+    """
+    return dtype == torch.bfloat16 and library() is not None and amx_enabled()
+
+
+def layout_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Give every nn.Linear of a CPU model its layout for decoding, in place (see the module docstring).
+
+    dtype: the dtype the layers compute in (default: each weight's own); float32 weights are cast
+    to it here, so that bfloat16 layers can still read their block format from the float32 values.
+    """
     kernels = library() is not None
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
                 continue
-            dtype = child.weight.dtype
-            if kernels and (dtype == torch.float32 or dtype == torch.bfloat16 and child.in_features % 2 == 0):
-                setattr(module, name, PackedLinear(child))
-            elif dtype == torch.float32:
+            target = dtype or child.weight.dtype
+            if kernels and (target == torch.float32 or target == torch.bfloat16 and child.in_features % 2 == 0):
+                setattr(module, name, PackedLinear(child, target))
+            elif target == torch.float32:
                 setattr(module, name, TransposedLinear(child))
+            else:
+                child.to(target)
     return model

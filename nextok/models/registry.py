@@ -9,7 +9,7 @@ from torch import nn
 
 from nextok.models.attention import AttentionMetadata, LayerKV
 from nextok.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from nextok.models.linear import layout_linears
+from nextok.models.linear import layout_linears, reads_float32
 from nextok.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
 
 
@@ -49,12 +49,12 @@ def architecture_of(config: dict[str, Any]) -> str:
 
 
 def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
-                dtype: torch.dtype = torch.float32, fuse: bool = True) -> nn.Module:
+                dtype: torch.dtype = torch.float32, fuse: bool = True, device: str | torch.device = "cpu") -> nn.Module:
     """Instantiate the architecture named by an HF config and load its weights.
 
     fuse: lay the weights out for inference after loading: projections that read the same input
     (q/k/v, gate/up) become one matrix product, and matrices take their decoding layout
-    (nextok.models.linear).
+    (nextok.models.linear) where the model will run on the CPU (`device`).
     """
     model_cls, config_cls = ARCHITECTURES[architecture_of(config)]
     if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
@@ -63,7 +63,10 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
             raise ValueError(f"Mistral sliding_window={window} is not supported (contexts are full attention)")
     with torch.device("meta"):
         model = model_cls(config_cls.from_hf(config))
-    weights = {k: v.to(dtype) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    # Where the layout reads block formats from float32 values, the weights stay float32 until then.
+    layout = fuse and torch.device(device).type == "cpu"
+    source = torch.float32 if layout and reads_float32(dtype) else dtype
+    weights = {k: v.to(source) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
     expected = set(model.state_dict())
     if model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
@@ -81,9 +84,22 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     model.eval().requires_grad_(False)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
-    if fuse:
-        layout_linears(model)
+    if layout:
+        layout_linears(model, dtype)
+    if source != dtype:
+        _cast_parameters(model, dtype)
     return model
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter to `dtype`, in place; a tied parameter stays one tensor."""
+    cast: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_floating_point() and param.dtype != dtype:
+                if id(param) not in cast:
+                    cast[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                setattr(module, name, cast[id(param)])
 
 
 def _embedding(model: nn.Module) -> nn.Embedding:

@@ -7,7 +7,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from nextok.engine.engine import LLMEngine
-from nextok.kernels import library
+from nextok.kernels import amx_enabled, library
 from nextok.kernels.decode import FusedDecoder
 from nextok.models import linear
 from nextok.models.llama import LlamaForCausalLM
@@ -36,9 +36,10 @@ def _model(dtype: str, **config):
     ref, model = llama_pair(seed=3, **config)
     if dtype == "float32":
         return model
-    if dtype == "float32-blocks":
-        model = build_model(ref.config.to_dict(), _gguf_valued(ref.state_dict()))
-        assert any(getattr(m, "packed", None) is not None and m.packed.dtype == torch.uint8 for m in model.modules())
+    if dtype.endswith("-blocks"):
+        model = build_model(ref.config.to_dict(), _gguf_valued(ref.state_dict()), getattr(torch, dtype[:-7]))
+        if dtype == "float32-blocks" or amx_enabled():  # bfloat16 blocks need the AMX product
+            assert any(getattr(m, "packed", None) is not None and m.packed.dtype == torch.uint8 for m in model.modules())
         return model
     model = build_model(ref.config.to_dict(), ref.state_dict(), torch.bfloat16)
     return quantize_int8(model) if dtype == "int8" else model
@@ -63,7 +64,7 @@ def _run(model, fused: bool, monkeypatch) -> list:
     return [[(c.token_ids, c.score, c.logprobs) for c in out] for out in outputs]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float32-blocks", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float32-blocks", "bfloat16", "bfloat16-blocks", "int8"])
 @pytest.mark.parametrize("config", [{}, {"num_key_value_heads": 4}, {"qwen2": True, "num_key_value_heads": 1},
                                     {"hidden_size": 96, "num_attention_heads": 3, "num_key_value_heads": 3}])
 def test_fused_decode_equals_the_per_op_path(dtype, config, monkeypatch):
@@ -71,17 +72,21 @@ def test_fused_decode_equals_the_per_op_path(dtype, config, monkeypatch):
     assert _run(model, True, monkeypatch) == _run(model, False, monkeypatch)
 
 
-def test_block_format_weights_give_the_dense_results(monkeypatch):
-    """float32 weights kept as GGUF blocks (ops.pack_blocks) decode exactly as the dense float32 matrices."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_format_weights_give_the_dense_results(dtype, monkeypatch):
+    """Weights kept as GGUF blocks (ops.pack_blocks) decode exactly as the dense matrices of the same dtype."""
+    if dtype == torch.bfloat16 and not amx_enabled():
+        pytest.skip("bfloat16 layers keep blocks only where the CPU has AMX")
     ref, _ = llama_pair(seed=3, hidden_size=96, intermediate_size=160, num_attention_heads=3, num_key_value_heads=3)
     state_dict = _gguf_valued(ref.state_dict())
-    blocks = build_model(ref.config.to_dict(), state_dict)
-    monkeypatch.setattr(linear, "pack_blocks", lambda weight: None)
-    dense = build_model(ref.config.to_dict(), state_dict)
+    blocks = build_model(ref.config.to_dict(), state_dict, dtype)
+    monkeypatch.setattr(linear, "pack_blocks", lambda weight, dtype: None)
+    dense = build_model(ref.config.to_dict(), state_dict, dtype)
     monkeypatch.undo()
     formats = [m.packed.dtype for m in blocks.modules() if getattr(m, "packed", None) is not None]
     assert formats and set(formats) == {torch.uint8}  # all: K is 96 or 160, multiples of 32
-    assert all(m.packed.dtype == torch.float32 for m in dense.modules() if getattr(m, "packed", None) is not None)
+    assert all(m.packed.dtype == dtype for m in dense.modules() if getattr(m, "packed", None) is not None)
+    assert all(p.dtype == dtype for p in blocks.parameters())
     assert _run(blocks, True, monkeypatch) == _run(dense, True, monkeypatch)
 
 

@@ -68,6 +68,30 @@ def test_block_format_products_equal_the_dense_ones_bit_for_bit(qtype, group_byt
         close(ops.packed_linear(x, packed, n, b), F.linear(x, w, b), 1e-5)
 
 
+@pytest.mark.parametrize("qtype,group_bytes", [(Q.Q4_1, ops.Q4_GROUP_BYTES), (Q.Q8_0, ops.Q8_GROUP_BYTES)],
+                         ids=["q4_1", "q8_0"])
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 962), (1536, 577)])
+def test_bfloat16_block_products_equal_the_cast_dense_ones_bit_for_bit(qtype, group_bytes, k, n):
+    """Blocks laid out for bfloat16 widen to the float32 values rounded to bfloat16, as casting the matrix rounds."""
+    w = _gguf_values(n, k, qtype, seed=k + n)
+    packed = ops.pack_blocks(w, torch.bfloat16)
+    assert packed is not None and packed.shape == ((n + 31) // 32 * 2, k // 32, group_bytes)
+    assert not torch.equal(packed, ops.pack_blocks(w))  # the q bytes are ordered for the bfloat16 pair layout
+    cast = w.bfloat16()
+    assert torch.equal(ops.unpack_weight(packed, n, torch.bfloat16).view(torch.int16), cast.view(torch.int16))
+    dense = ops.pack_weight(cast)
+    b = torch.randn(n, dtype=torch.bfloat16)
+    for rows in (1, 3, 4, 5, 16, 17, 40):  # the AVX-512 micro-kernel below 5 rows, the tile unit (if any) from 5
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        assert torch.equal(ops.packed_linear(x, packed, n), ops.packed_linear(x, dense, n)), rows
+        assert torch.equal(ops.packed_linear(x, packed, n, b), ops.packed_linear(x, dense, n, b)), rows
+
+
+def test_block_formats_are_for_float32_and_bfloat16_products():
+    with pytest.raises(ValueError, match="float16"):
+        ops.pack_blocks(_gguf_values(32, 64, Q.Q8_0, 0), torch.float16)
+
+
 def test_matrices_that_no_block_format_holds_stay_dense():
     assert ops.pack_blocks(torch.randn(64, 64)) is None  # any float32 values
     assert ops.pack_blocks(_gguf_values(64, 64, Q.Q8_0, 0).bfloat16()) is None  # float32 only
