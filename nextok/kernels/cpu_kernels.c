@@ -38,16 +38,6 @@ ALWAYS_INLINE void store_bf16x16(bf16* p, __m512 v, __mmask16 m) {
 ALWAYS_INLINE __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
-ALWAYS_INLINE float bf16_to_float(bf16 v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-ALWAYS_INLINE bf16 float_to_bf16(float f) {
-  __m512 v = _mm512_set1_ps(f);
-  return (bf16)_mm_extract_epi16((__m128i)_mm256_castsi256_si128((__m256i)_mm512_cvtneps_pbh(v)), 0);
-}
 
 // ---------------------------------------------------------------------------------------- linear
 // y (M, N) = x (M, K) @ W^T (+ bias), W packed by pack_*: output columns in blocks of 16, each
@@ -698,7 +688,7 @@ void silu_mul_bf16(const bf16* gate_up, bf16* out, int64_t rows, int64_t inner) 
 // ------------------------------------------------------------------ rotary + KV-cache write
 // qkv (N, H + 2 Hkv, D): rotates q and k in place (rotate-half convention, cos/sin (N, D) in
 // float32) and writes k and v into the paged cache at the flat slot of each token.
-#define ROTARY_BODY(T, TO_F, FROM_F)                                                            \
+#define ROTARY_BODY(T, LOAD, STORE)                                                             \
   int64_t heads = H + 2 * Hkv, half = D / 2;                                                    \
   for (int64_t t = 0; t < N; t++) {                                                             \
     const float* c = cos + t * D;                                                               \
@@ -706,10 +696,13 @@ void silu_mul_bf16(const bf16* gate_up, bf16* out, int64_t rows, int64_t inner) 
     T* row = qkv + t * heads * D;                                                               \
     for (int64_t h = 0; h < H + Hkv; h++) {                                                     \
       T* v = row + h * D;                                                                       \
-      for (int64_t i = 0; i < half; i++) {                                                      \
-        float a = TO_F(v[i]), b = TO_F(v[i + half]);                                            \
-        v[i] = FROM_F(a * c[i] - b * s[i]);                                                     \
-        v[i + half] = FROM_F(b * c[i + half] + a * s[i + half]);                                \
+      for (int64_t i = 0; i < half; i += 16) { /* as PyTorch: x * cos + rotate_half(x) * sin */  \
+        __mmask16 m = tail_mask16(half - i);                                                    \
+        __m512 a = LOAD(v + i, m), b = LOAD(v + i + half, m);                                   \
+        __m512 c0 = LOAD_F32(c + i, m), s0 = LOAD_F32(s + i, m);                                \
+        __m512 c1 = LOAD_F32(c + i + half, m), s1 = LOAD_F32(s + i + half, m);                  \
+        STORE(v + i, _mm512_sub_ps(_mm512_mul_ps(a, c0), _mm512_mul_ps(b, s0)), m);             \
+        STORE(v + i + half, _mm512_add_ps(_mm512_mul_ps(b, c1), _mm512_mul_ps(a, s1)), m);      \
       }                                                                                         \
     }                                                                                           \
     if (k_cache) {                                                                              \
@@ -719,92 +712,155 @@ void silu_mul_bf16(const bf16* gate_up, bf16* out, int64_t rows, int64_t inner) 
     }                                                                                           \
   }
 
-#define IDENTITY(v) (v)
 void rotary_store_f32(float* qkv, const float* cos, const float* sin, float* k_cache, float* v_cache,
                       const int64_t* slots, int64_t N, int64_t H, int64_t Hkv, int64_t D) {
-  ROTARY_BODY(float, IDENTITY, IDENTITY)
+  ROTARY_BODY(float, LOAD_F32, STORE_F32)
 }
 
 void rotary_store_bf16(bf16* qkv, const float* cos, const float* sin, bf16* k_cache, bf16* v_cache,
                        const int64_t* slots, int64_t N, int64_t H, int64_t Hkv, int64_t D) {
-  ROTARY_BODY(bf16, bf16_to_float, float_to_bf16)
+  ROTARY_BODY(bf16, load_bf16x16, store_bf16x16)
 }
 
 // ------------------------------------------------------------------------ paged decode attention
 // One new query token per sequence. q: (B, H, D) rows `q_stride` elements apart; caches
 // (blocks, block_size, Hkv, D); block_tables (B, max_blocks); out (B, H * D). Each thread takes
-// whole (sequence, kv head) pairs and reads keys and values straight from their blocks.
-#define DECODE_ATTENTION_BODY(T, LOADK)                                                              \
+// whole sequences (or, with fewer sequences than twice the threads, (sequence, kv head) pairs) and
+// reads keys and values straight from their blocks, each key
+// and value once for up to ATTN_HEADS query heads of the group (their q and outputs stay in
+// registers). A key's dot product with a head is one vector of partial sums; the vectors of 16
+// keys are summed across lanes together (sum_lanes16), in the same order _mm512_reduce_add_ps adds.
+#define ATTN_HEADS 4
+
+// v[0..16) -> one vector whose lane 4j + i is the lane sum of v[4i + j].
+ALWAYS_INLINE __m512 sum_lanes16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; i++)  // 128-bit lanes 0, 1: v[2i] lanes k + (k + 8); 2, 3: v[2i + 1]'s
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++)  // 128-bit lane j: v[4i + j] lanes k + (k + 4) (+ 8, + 12)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+  __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+  return _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+}
+
+// Heads h0 .. h0 + GS of one (sequence, kv head) pair; nd = vectors per head row. The callers pass
+// GS and nd as constants where they can, so that q, the partial sums and the outputs stay in registers.
+#define DEFINE_ATTEND_HEADS(NAME, T, LOADK, STORE_OUT)                                              \
+  ALWAYS_INLINE void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t L,  \
+                          int64_t g, int64_t Hkv, int64_t D, int64_t block_size, float scale, float* scores,  \
+                          T* out, const int GS, const int nd) {                                      \
+    int64_t padded = (L + 15) / 16 * 16;                                                             \
+    __m512 qv[16], dots[ATTN_HEADS][16], o[16];                                                      \
+    for (int hq = 0; hq < GS; hq++)                                                                  \
+      for (int j = 0; j < nd; j++) qv[hq * nd + j] = LOADK(q + hq * D + j * 16, tail_mask16(D - j * 16)); \
+    int64_t row = Hkv * D, block = 0, offset = 0; /* key l: block table[block], row offset */       \
+    for (int64_t l0 = 0; l0 < L; l0 += 16) {                                                         \
+      for (int i = 0; i < 16; i++) { /* key l0 + i to vector 4 (i % 4) + i / 4 */                   \
+        int slot = (i % 4) * 4 + i / 4;                                                              \
+        __m512 acc[ATTN_HEADS];                                                                      \
+        for (int hq = 0; hq < GS; hq++) acc[hq] = _mm512_setzero_ps();                               \
+        if (l0 + i < L) {                                                                            \
+          const T* kp = k_cache + (table[block] * block_size + offset) * row + g * D;               \
+          if (++offset == block_size) block++, offset = 0;                                           \
+          for (int j = 0; j < nd; j++) {                                                             \
+            __m512 kv = LOADK(kp + j * 16, tail_mask16(D - j * 16));                                 \
+            for (int hq = 0; hq < GS; hq++) acc[hq] = _mm512_fmadd_ps(qv[hq * nd + j], kv, acc[hq]); \
+          }                                                                                          \
+        }                                                                                            \
+        for (int hq = 0; hq < GS; hq++) dots[hq][slot] = acc[hq];                                    \
+      }                                                                                              \
+      for (int hq = 0; hq < GS; hq++)                                                                \
+        _mm512_storeu_ps(scores + hq * padded + l0, _mm512_mul_ps(sum_lanes16(dots[hq]), _mm512_set1_ps(scale))); \
+    }                                                                                                \
+    float total[ATTN_HEADS];                                                                         \
+    for (int hq = 0; hq < GS; hq++) {                                                                \
+      float* sc = scores + hq * padded;                                                              \
+      __m512 top = _mm512_set1_ps(-INFINITY);                                                        \
+      for (int64_t l = 0; l < L; l += 16)                                                            \
+        top = _mm512_mask_max_ps(top, tail_mask16(L - l), top, _mm512_loadu_ps(sc + l));             \
+      __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sum = _mm512_setzero_ps();            \
+      for (int64_t l = 0; l < L; l += 16) {                                                          \
+        __m512 e = _mm512_maskz_mov_ps(tail_mask16(L - l), exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + l), best))); \
+        _mm512_storeu_ps(sc + l, e);                                                                 \
+        sum = _mm512_add_ps(sum, e);                                                                 \
+      }                                                                                              \
+      total[hq] = _mm512_reduce_add_ps(sum);                                                         \
+    }                                                                                                \
+    for (int j = 0; j < GS * nd; j++) o[j] = _mm512_setzero_ps();                                    \
+    block = offset = 0;                                                                              \
+    for (int64_t l = 0; l < L; l++) {                                                                \
+      const T* vp = v_cache + (table[block] * block_size + offset) * row + g * D;                   \
+      if (++offset == block_size) block++, offset = 0;                                               \
+      __m512 p[ATTN_HEADS];                                                                          \
+      for (int hq = 0; hq < GS; hq++) p[hq] = _mm512_set1_ps(scores[hq * padded + l]);               \
+      for (int j = 0; j < nd; j++) {                                                                 \
+        __m512 vv = LOADK(vp + j * 16, tail_mask16(D - j * 16));                                     \
+        for (int hq = 0; hq < GS; hq++) o[hq * nd + j] = _mm512_fmadd_ps(p[hq], vv, o[hq * nd + j]); \
+      }                                                                                              \
+    }                                                                                                \
+    for (int hq = 0; hq < GS; hq++) {                                                                \
+      __m512 inv = _mm512_set1_ps(1.0f / total[hq]);                                                 \
+      for (int j = 0; j < nd; j++)                                                                   \
+        STORE_OUT(out + hq * D + j * 16, _mm512_mul_ps(o[hq * nd + j], inv), tail_mask16(D - j * 16)); \
+    }                                                                                                \
+  }
+
+#define DECODE_ATTENTION_BODY(T, ATTEND)                                                             \
   int64_t group = H / Hkv;                                                                           \
+  int nd = (int)((D + 15) / 16), heads = nd <= 4 ? ATTN_HEADS : nd <= 8 ? 2 : 1; /* q, o: <= 16 vectors */ \
+  /* a job: a whole sequence, whose cache rows are read in full, where that keeps the threads busy */ \
+  int64_t jobs_per_row = B >= 2 * threads ? 1 : Hkv;                                                \
   _Pragma("omp parallel num_threads(threads)") {                                                     \
     float* scores = NULL;                                                                            \
     int64_t capacity = 0;                                                                            \
-    _Pragma("omp for schedule(dynamic, 1)") for (int64_t job = 0; job < B * Hkv; job++) {           \
-      int64_t b = job / Hkv, g = job % Hkv, L = context_lens[b];                                     \
-      if (L > capacity) {                                                                            \
+    _Pragma("omp for schedule(dynamic, 1)") for (int64_t job = 0; job < B * jobs_per_row; job++) {  \
+      int64_t b = job / jobs_per_row, L = context_lens[b], padded = (L + 15) / 16 * 16;              \
+      if (padded > capacity) {                                                                       \
         free(scores);                                                                                \
-        capacity = L;                                                                                \
-        scores = (float*)malloc(sizeof(float) * group * L);                                          \
+        capacity = padded;                                                                           \
+        scores = (float*)malloc(sizeof(float) * ATTN_HEADS * padded);                                \
       }                                                                                              \
-      const int64_t* table = block_tables + b * max_blocks;                                          \
-      for (int64_t hq = 0; hq < group; hq++) {                                                       \
-        int64_t h = g * group + hq;                                                                  \
+      int64_t g0 = jobs_per_row == 1 ? 0 : job % Hkv, g1 = jobs_per_row == 1 ? Hkv : g0 + 1;         \
+      for (int64_t g = g0; g < g1; g++)                                                              \
+      for (int64_t h0 = 0; h0 < group; h0 += heads) {                                                \
+        int GS = group - h0 < heads ? (int)(group - h0) : heads;                                     \
+        int64_t h = g * group + h0;                                                                  \
         const T* qh = q + b * q_stride + h * D;                                                      \
-        __m512 qv[16];                                                                               \
-        for (int64_t d = 0, j = 0; d < D; d += 16, j++) qv[j] = LOADK(qh + d, tail_mask16(D - d));   \
-        float* sc = scores + hq * L;                                                                 \
-        float best = -INFINITY;                                                                      \
-        for (int64_t l = 0; l < L; l++) {                                                            \
-          const T* kp = k_cache + ((table[l / block_size] * block_size + l % block_size) * Hkv + g) * D; \
-          __m512 acc = _mm512_setzero_ps();                                                          \
-          for (int64_t d = 0, j = 0; d < D; d += 16, j++)                                            \
-            acc = _mm512_fmadd_ps(qv[j], LOADK(kp + d, tail_mask16(D - d)), acc);                    \
-          float v = _mm512_reduce_add_ps(acc) * scale;                                               \
-          sc[l] = v;                                                                                 \
-          if (v > best) best = v;                                                                    \
+        T* oh = out + (b * H + h) * D;                                                               \
+        const int64_t* table = block_tables + b * max_blocks;                                        \
+        switch (D == nd * 16 ? nd * 8 + GS : 0) { /* head sizes 64 and 128: constant loop counts */   \
+          case 4 * 8 + 1: ATTEND(qh, k_cache, v_cache, table, L, g, Hkv, 64, block_size, scale, scores, oh, 1, 4); break; \
+          case 4 * 8 + 2: ATTEND(qh, k_cache, v_cache, table, L, g, Hkv, 64, block_size, scale, scores, oh, 2, 4); break; \
+          case 4 * 8 + 3: ATTEND(qh, k_cache, v_cache, table, L, g, Hkv, 64, block_size, scale, scores, oh, 3, 4); break; \
+          case 4 * 8 + 4: ATTEND(qh, k_cache, v_cache, table, L, g, Hkv, 64, block_size, scale, scores, oh, 4, 4); break; \
+          case 8 * 8 + 1: ATTEND(qh, k_cache, v_cache, table, L, g, Hkv, 128, block_size, scale, scores, oh, 1, 8); break; \
+          case 8 * 8 + 2: ATTEND(qh, k_cache, v_cache, table, L, g, Hkv, 128, block_size, scale, scores, oh, 2, 8); break; \
+          default: ATTEND(qh, k_cache, v_cache, table, L, g, Hkv, D, block_size, scale, scores, oh, GS, nd); \
         }                                                                                            \
-        __m512 sum = _mm512_setzero_ps();                                                            \
-        for (int64_t l = 0; l < L; l += 16) {                                                        \
-          __mmask16 m = tail_mask16(L - l);                                                          \
-          __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + l), _mm512_set1_ps(best)));  \
-          e = _mm512_maskz_mov_ps(m, e);                                                             \
-          _mm512_mask_storeu_ps(sc + l, m, e);                                                       \
-          sum = _mm512_add_ps(sum, e);                                                               \
-        }                                                                                            \
-        float total = _mm512_reduce_add_ps(sum);                                                     \
-        __m512 o[16];                                                                                \
-        for (int64_t j = 0; j * 16 < D; j++) o[j] = _mm512_setzero_ps();                             \
-        for (int64_t l = 0; l < L; l++) {                                                            \
-          const T* vp = v_cache + ((table[l / block_size] * block_size + l % block_size) * Hkv + g) * D; \
-          __m512 p = _mm512_set1_ps(sc[l]);                                                          \
-          for (int64_t d = 0, j = 0; d < D; d += 16, j++)                                            \
-            o[j] = _mm512_fmadd_ps(p, LOADK(vp + d, tail_mask16(D - d)), o[j]);                      \
-        }                                                                                            \
-        __m512 inv = _mm512_set1_ps(1.0f / total);                                                   \
-        for (int64_t d = 0, j = 0; d < D; d += 16, j++)                                              \
-          STORE_OUT(out + b * H * D + h * D + d, _mm512_mul_ps(o[j], inv), tail_mask16(D - d));      \
       }                                                                                              \
     }                                                                                                \
     free(scores);                                                                                    \
   }
 
-#define STORE_OUT STORE_F32
+DEFINE_ATTEND_HEADS(attend_heads_f32, float, LOAD_F32, STORE_F32)
+DEFINE_ATTEND_HEADS(attend_heads_bf16, bf16, load_bf16x16, store_bf16x16)
+
 void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
                           const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
                           float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
                           float scale, int threads) {
-  DECODE_ATTENTION_BODY(float, LOAD_F32)
+  DECODE_ATTENTION_BODY(float, attend_heads_f32)
 }
-#undef STORE_OUT
 
-#define STORE_OUT store_bf16x16
 void decode_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
                            const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
                            bf16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
                            float scale, int threads) {
-  DECODE_ATTENTION_BODY(bf16, load_bf16x16)
+  DECODE_ATTENTION_BODY(bf16, attend_heads_bf16)
 }
-#undef STORE_OUT
 
 // ------------------------------------------------------------------------------- measurement
 // Sums n floats with 8 independent accumulators per thread: the rate at which this machine

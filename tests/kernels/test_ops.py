@@ -149,18 +149,19 @@ def test_rotate_matches_rotate_half(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("n_head,n_kv,dim", [(9, 3, 64), (4, 4, 16), (6, 1, 40)])
-def test_decode_attention_reads_the_paged_cache(dtype, tol, n_head, n_kv, dim):
+@pytest.mark.parametrize("n_head,n_kv,dim", [(9, 3, 64), (4, 4, 16), (6, 1, 40), (8, 2, 128), (4, 1, 256)])
+@pytest.mark.parametrize("batch", [3, 6])  # jobs per (sequence, kv head) below twice the threads, else per sequence
+def test_decode_attention_reads_the_paged_cache(dtype, tol, n_head, n_kv, dim, batch):
     torch.manual_seed(n_head + dim)
-    blocks, block_size = 12, 4
+    blocks, block_size = 64, 4
     k_cache = torch.randn(blocks, block_size, n_kv, dim, dtype=dtype)
     v_cache = torch.randn(blocks, block_size, n_kv, dim, dtype=dtype)
-    tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11], [4, 0, 0, 0]])
-    lens = torch.tensor([10, 16, 1])
-    qkv = torch.randn(3, n_head + 2 * n_kv, dim, dtype=dtype)
+    tables = torch.randperm(blocks)[:60].view(6, 10)[:batch]
+    lens = torch.tensor([10, 16, 1, 40, 23, 33])[:batch]  # keys in chunks of 16: whole, partial, one
+    qkv = torch.randn(batch, n_head + 2 * n_kv, dim, dtype=dtype)
     q = qkv[:, :n_head]  # strided rows, as the model passes it
     out = ops.decode_attention(q, k_cache, v_cache, tables, lens, 0.3)
-    for b in range(3):
+    for b in range(batch):
         slots = [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(int(lens[b]))]
         keys = k_cache.reshape(-1, n_kv, dim)[slots].float().transpose(0, 1)  # (Hkv, L, D)
         values = v_cache.reshape(-1, n_kv, dim)[slots].float().transpose(0, 1)
