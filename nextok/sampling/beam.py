@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nextok.kernels.ops import top_k
 from nextok.params import SamplingParams
 from nextok.sampling.sampler import sample_without_replacement
 
@@ -62,7 +63,7 @@ class BeamSearch:
             top_lp = accumulated.gather(1, top_idx)[0]  # (K,)
             top_idx = top_idx[0]
         else:
-            top_lp, top_idx = torch.topk(accumulated[0], k=self.beams_to_keep)  # (K,)
+            top_lp, top_idx = top_k_as_torch(accumulated[0], self.beams_to_keep)  # (K,)
         parents = (top_idx // vocab).tolist()
         tokens = (top_idx % vocab).tolist()
         max_reached = self.num_generated + 1 >= self.params.max_new_tokens
@@ -116,3 +117,19 @@ class BeamSearch:
             if flag and tokens is not None:
                 out.append((tokens, score))
         return out[: self.params.num_return_sequences]
+
+
+def top_k_as_torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) of a 1-D tensor, as transformers ranks beam candidates with it.
+
+    The kernel (ops.top_k, one pass over the nb * V candidates) is used where its answer cannot
+    differ: the k best values and the next one are all distinct. Where any of them tie, the order
+    of the tied candidates is torch.topk's own, so it ranks them.
+    """
+    if k + 1 > x.numel():
+        return torch.topk(x, k)
+    values, indices = top_k(x[None], k + 1)
+    values = values[0]
+    if bool((values[:-1] > values[1:]).all()):
+        return values[:k], indices[0, :k]
+    return torch.topk(x, k)
