@@ -46,6 +46,7 @@ SIGNATURES = {
     "decode_attention_f32": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "decode_attention_bf16": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
     "read_sum_f32": [_P, _I64, _INT],
+    "bf16_to_f32": [_P, _P, _I64, _INT],
     "top_k_f32": [_P, _I64, _I64, _I64, _P, _P, _INT],
     "logsumexp_f32": [_P, _I64, _I64, _P, _INT],
     "amx_init": [],

@@ -79,6 +79,9 @@ enum { F32_DENSE = 0, F32_Q4 = 1, F32_Q8 = 2 };
 #ifndef PREFETCH_GROUPS
 #define PREFETCH_GROUPS 4
 #endif
+#ifndef PREFETCH_FAR
+#define PREFETCH_FAR 24
+#endif
 
 // Bytes between two column blocks of a packed float32 matrix.
 ALWAYS_INLINE int64_t block_stride_f32(int64_t K, int F) {
@@ -149,6 +152,10 @@ ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const void* w0v, float* 
       for (int line = 0; line < GROUP_BYTES(F); line += 64) {  // the widening leaves the prefetcher behind
         _mm_prefetch(g0 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
         _mm_prefetch(g1 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
+        if (PREFETCH_FAR) {
+          _mm_prefetch(g0 + PREFETCH_FAR * GROUP_BYTES(F) + line, _MM_HINT_T1);
+          _mm_prefetch(g1 + PREFETCH_FAR * GROUP_BYTES(F) + line, _MM_HINT_T1);
+        }
       }
       __m512 s0, s1, m0, m1;
       const char* q0 = group_f32(w0, c / CHUNK, F, &s0, &m0);
@@ -396,7 +403,10 @@ ALWAYS_INLINE void widen_group_bf16(const char* w, int64_t g, int F, bf16* dst) 
   const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   for (int line = 0; line < GROUP_BYTES(F); line += 64)
+  {
     _mm_prefetch(w + (g + PREFETCH_GROUPS) * GROUP_BYTES(F) + line, _MM_HINT_T0);
+    if (PREFETCH_FAR) _mm_prefetch(w + (g + PREFETCH_FAR) * GROUP_BYTES(F) + line, _MM_HINT_T1);
+  }
   __m512 scale, min, lo, hi;
   const char* q = group_f32(w, g, F, &scale, &min);
   __m512 scale_lo = _mm512_permutexvar_ps(first, scale), min_lo = _mm512_permutexvar_ps(first, min);
@@ -860,6 +870,19 @@ void decode_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache,
                            bf16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
                            float scale, int threads) {
   DECODE_ATTENTION_BODY(bf16, attend_heads_bf16)
+}
+
+// ------------------------------------------------------------------------------- conversions
+// bf16 -> float32 (exact), split over the threads: a bfloat16 model's logits, which sampling
+// reads as float32 (PyTorch converts them on one thread here).
+void bf16_to_f32(const bf16* x, float* y, int64_t n, int threads) {
+  int64_t chunks = (n + 4095) / 4096;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t c = 0; c < chunks; c++)
+    for (int64_t i = c * 4096; i < n && i < (c + 1) * 4096; i += 16) {
+      __mmask16 m = tail_mask16(n - i);
+      _mm512_mask_storeu_ps(y + i, m, load_bf16x16(x + i, m));
+    }
 }
 
 // ------------------------------------------------------------------------------- measurement

@@ -277,6 +277,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def to_float32(x: torch.Tensor) -> torch.Tensor:
+    """x.float(), with a bfloat16 tensor converted by the kernel on all threads (torch uses one here)."""
+    lib = _kernels(x)
+    if lib is None or x.dtype != torch.bfloat16:
+        return x.float()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.bf16_to_f32(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
+    return out
+
+
 # ------------------------------------------------------------------------------ rows of logits
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest of each row of x (B, V), descending, like torch.topk.

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nextok.kernels import ops
 from nextok.models.attention import AttentionMetadata, LayerKV, attend
 
 
@@ -142,4 +143,4 @@ class GPT2LMHeadModel(nn.Module):
         return t.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, n_embd) -> (N, vocab) float32
-        return self.lm_head(hidden).float()
+        return ops.to_float32(self.lm_head(hidden))

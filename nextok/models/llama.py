@@ -285,7 +285,7 @@ class LlamaForCausalLM(nn.Module):
         return cached[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) float32
-        return self.lm_head(hidden).float()
+        return ops.to_float32(self.lm_head(hidden))
 
     def fuse(self) -> LlamaForCausalLM:
         """Fuse q/k/v and gate/up projections for inference (fewer, larger matrix products)."""

@@ -192,3 +192,13 @@ def test_top_k_and_logsumexp_edge_rows():
     values, indices = ops.top_k(nan, 10)
     expected = torch.topk(nan, 10, dim=-1)
     assert torch.equal(values[0], expected.values[0]) and values[1].isnan().all()
+
+
+@pytest.mark.parametrize("shape", [(16, 49152), (3, 37), (1, 1), (0, 5)])
+def test_to_float32_equals_torch(shape):
+    x = (torch.randn(shape) * 100).bfloat16()
+    if x.numel():
+        x.view(-1)[0] = float("-inf")
+    out = ops.to_float32(x)
+    assert out.dtype == torch.float32 and torch.equal(out, x.float())
+    assert torch.equal(ops.to_float32(x.float()), x.float())  # float32 stays as is
