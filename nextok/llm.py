@@ -59,7 +59,8 @@ class LLM:
         self.generation_config = checkpoint.generation_config
         self.tokenizer = checkpoint.tokenizer
         weights_dtype = torch.bfloat16 if self.dtype == "int8" else self.dtype
-        self.model = build_model(checkpoint.config, checkpoint.state_dict, weights_dtype, device=self.device).to(self.device)
+        self.model = build_model(checkpoint.config, checkpoint.state_dict, weights_dtype, device=self.device,
+                                 blocks=self.dtype != "int8").to(self.device)
         if self.dtype == "int8":
             quantize_int8(self.model)
         if compile:

@@ -59,3 +59,19 @@ def test_float32_weights_stay_in_the_checkpoints_blocks(default_llm):
     sizes = [m.packed.shape[-1] for m in default_llm.model.modules() if getattr(m, "packed", None) is not None]
     assert sizes.count(384) == 4 * default_llm.model.config.num_hidden_layers  # qkv, o, gate_up, down: Q4_1
     assert sizes.count(576) == 1  # the tied head: Q8_0
+
+
+def test_bfloat16_weights_stay_in_the_blocks_and_int8_requantizes():
+    """bfloat16 reads the same blocks where the CPU has AMX (bit-identical to the cast matrices, see
+    tests/kernels/test_decode.py); int8 requantizes, so it builds no blocks first."""
+    from nextok import LLM
+    from nextok.kernels import amx_enabled, library
+
+    if library() is None or not amx_enabled():
+        pytest.skip("bfloat16 blocks need nextok's CPU kernels and AMX")
+    model = LLM(dtype="bfloat16").model
+    sizes = [m.packed.shape[-1] for m in model.modules() if getattr(m, "packed", None) is not None]
+    assert sizes.count(384) == 4 * model.config.num_hidden_layers and sizes.count(576) == 1
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    int8 = LLM(dtype="int8").model
+    assert all(m.packed.dtype == torch.int8 for m in int8.modules() if getattr(m, "packed", None) is not None)

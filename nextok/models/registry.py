@@ -49,12 +49,15 @@ def architecture_of(config: dict[str, Any]) -> str:
 
 
 def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
-                dtype: torch.dtype = torch.float32, fuse: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+                dtype: torch.dtype = torch.float32, fuse: bool = True, device: str | torch.device = "cpu",
+                blocks: bool = True) -> nn.Module:
     """Instantiate the architecture named by an HF config and load its weights.
 
     fuse: lay the weights out for inference after loading: projections that read the same input
     (q/k/v, gate/up) become one matrix product, and matrices take their decoding layout
     (nextok.models.linear) where the model will run on the CPU (`device`).
+    blocks: let bfloat16 layers keep a quantized checkpoint's block format (False where the
+    weights are about to be requantized anyway, as for int8).
     """
     model_cls, config_cls = ARCHITECTURES[architecture_of(config)]
     if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
@@ -65,7 +68,7 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
         model = model_cls(config_cls.from_hf(config))
     # Where the layout reads block formats from float32 values, the weights stay float32 until then.
     layout = fuse and torch.device(device).type == "cpu"
-    source = torch.float32 if layout and reads_float32(dtype) else dtype
+    source = torch.float32 if layout and blocks and reads_float32(dtype) else dtype
     weights = {k: v.to(source) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
     expected = set(model.state_dict())
     if model.config.tie_word_embeddings:
