@@ -7,7 +7,8 @@ of q/k/v, o, gate/up and down, and the 49152 x 576 head), on `rows` activation r
 weights. PyTorch's side: MKL on the (in, out) float32 layout, oneDNN bfloat16 F.linear, and
 aten's int8 weight-only product. "f32 blocks" is nextok's float32 product from the weights' GGUF
 blocks (ops.pack_blocks), on float32 matrices that hold Q4_1 values (the head: Q8_0), as the
-default model's do; its ratio is against the same torch float32 product. The last table: how
+default model's do; its ratio is against the same torch float32 product. "bf16 blocks" is the
+bfloat16 product from the same blocks (bit-identical to the cast matrices), against torch bfloat16. The last table: how
 fast 2 threads stream 1 GiB, and what that allows for a batch-1 step of each weight layout.
 """
 
@@ -64,12 +65,16 @@ def main() -> None:
     scales = [torch.rand(w.shape[0]) / 100 for w in f32]
     packed = {"f32": [pack_weight(w) for w in f32], "bf16": [pack_weight(w) for w in bf16],
               "int8": [pack_weight(w) for w in int8],
-              "blocks": [pack_blocks(gguf_valued(n, k, 8 if n == 49152 else 4)) for n, k in SHAPES]}
+              "blocks": [], "bf16 blocks": []}
+    for n, k in SHAPES:
+        values = gguf_valued(n, k, 8 if n == 49152 else 4)
+        packed["blocks"].append(pack_blocks(values))
+        packed["bf16 blocks"].append(pack_blocks(values, torch.bfloat16))
     del f32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per step (best of 5), ratio = torch / nextok\n")
     print("| rows | f32 torch | f32 nextok | ratio | f32 blocks | ratio | bf16 torch | bf16 nextok | ratio "
-          "| int8 torch | int8 nextok | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| bf16 blocks | ratio | int8 torch | int8 nextok | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rows in [int(r) for r in args.rows.split(",")]:
         x = {k: torch.randn(rows, k) for k in (576, 1536)}
         xb = {k: v.bfloat16() for k, v in x.items()}
@@ -83,13 +88,16 @@ def main() -> None:
             best_ms(lambda: [packed_linear(xb[w.shape[1]], p, w.shape[0], scale=s)
                              for w, p, s in zip(int8, packed["int8"], scales)]),
         ]
-        blocks_ms = best_ms(lambda: [packed_linear(x[w.shape[0]], p, w.shape[1])
-                                     for w, p in zip(f32_t, packed["blocks"])])
+        blocks_ms = {  # after the dense cell of the same dtype, against the same torch cell
+            4: best_ms(lambda: [packed_linear(x[w.shape[0]], p, w.shape[1]) for w, p in zip(f32_t, packed["blocks"])]),
+            9: best_ms(lambda: [packed_linear(xb[w.shape[1]], p, w.shape[0])
+                                for w, p in zip(bf16, packed["bf16 blocks"])]),
+        }
         row = [f"{rows}"]
         for torch_ms, ours_ms in zip(cells[::2], cells[1::2]):
             row += [f"{torch_ms:.2f}", f"{ours_ms:.2f}", f"{torch_ms / ours_ms:.2f}x"]
-            if len(row) == 4:
-                row += [f"{blocks_ms:.2f}", f"{torch_ms / blocks_ms:.2f}x"]
+            if len(row) in blocks_ms:
+                row += [f"{blocks_ms[len(row)]:.2f}", f"{torch_ms / blocks_ms[len(row)]:.2f}x"]
         print("| " + " | ".join(row) + " |", flush=True)
 
     big = torch.ones(1 << 28)  # 1 GiB of float32
