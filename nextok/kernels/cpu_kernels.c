@@ -370,27 +370,6 @@ static void amx_configure(int rows) {
   _tile_loadconfig(&cfg);
 }
 
-// A pair of column blocks (w: 2 x 16 columns, K x 16 x 2 layout each) times rows [m0, m0 + MT).
-static void amx_pair(const bf16* x, int64_t K, const bf16* w, bf16* y, int64_t N, int64_t n,
-                     const float* scale, const bf16* bias, int MT, float* cbuf) {
-  const bf16* w1 = w + K * 16;
-  _tile_zero(0);
-  _tile_zero(1);
-  for (int64_t k = 0; k < K; k += 32) {
-    _tile_loadd(2, x + k, K * 2);
-    _tile_loadd(3, w + k * 16, 64);
-    _tile_loadd(4, w1 + k * 16, 64);
-    _tile_dpbf16ps(0, 2, 3);
-    _tile_dpbf16ps(1, 2, 4);
-  }
-  _tile_stored(0, cbuf, 64);
-  _tile_stored(1, cbuf + 256, 64);
-  for (int m = 0; m < MT; m++) {
-    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + m * 16), scale, bias, n, N);
-    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + 256 + m * 16), scale, bias, n + 16, N);
-  }
-}
-
 static int use_amx(int64_t M, int64_t K, int64_t min_rows) { return amx_ready && M >= min_rows && K % 32 == 0; }
 
 // bfloat16 weights may be kept in the block formats too (F32_Q4 / F32_Q8 groups, pack_blocks with
@@ -443,29 +422,34 @@ static const bf16* pair_weights_bf16(const void* packed, int format, int64_t t, 
   return wide;
 }
 
-// amx_pair for a pair in a block format and at most 16 rows: each group of both blocks is widened
-// into a tile in L1 just before it is used (two buffers in turn), so the widening overlaps the
-// tile products and the weights are never written out whole.
-static void amx_pair_blocks(const bf16* x, int64_t K, const char* w, int F, bf16* y, int64_t N, int64_t n,
-                            const bf16* bias, int MT, float* cbuf, bf16* tiles) {
-  const char* w1 = w + block_stride_f32(K, F);
+// A pair of column blocks times rows [m0, m0 + MT). w: the pair layout (2 x K x 16 values; format
+// BF16_DENSE), or a pair in a block format, whose groups are widened one at a time into `tiles`
+// (two buffers in turn) just before their tile products: the widening overlaps the products and
+// the weights are never written out whole.
+static void amx_pair(const bf16* x, int64_t K, const void* w, int format, bf16* y, int64_t N, int64_t n,
+                     const float* scale, const bf16* bias, int MT, float* cbuf, bf16* tiles) {
   _tile_zero(0);
   _tile_zero(1);
-  for (int64_t g = 0; g < K / CHUNK; g++) {
-    bf16* b = tiles + (g & 1) * 1024;
-    widen_group_bf16(w, g, F, b);
-    widen_group_bf16(w1, g, F, b + 512);
-    _tile_loadd(2, x + g * CHUNK, K * 2);
-    _tile_loadd(3, b, 64);
-    _tile_loadd(4, b + 512, 64);
+  for (int64_t k = 0; k < K; k += 32) {
+    const bf16* b0 = (const bf16*)w + k * 16;
+    const bf16* b1 = b0 + K * 16;
+    if (format != BF16_DENSE) {
+      bf16* b = tiles + (k / 32 & 1) * 1024;
+      widen_group_bf16((const char*)w, k / 32, format, b);
+      widen_group_bf16((const char*)w + block_stride_f32(K, format), k / 32, format, b + 512);
+      b0 = b, b1 = b + 512;
+    }
+    _tile_loadd(2, x + k, K * 2);
+    _tile_loadd(3, b0, 64);
+    _tile_loadd(4, b1, 64);
     _tile_dpbf16ps(0, 2, 3);
     _tile_dpbf16ps(1, 2, 4);
   }
   _tile_stored(0, cbuf, 64);
   _tile_stored(1, cbuf + 256, 64);
   for (int m = 0; m < MT; m++) {
-    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + m * 16), NULL, bias, n, N);
-    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + 256 + m * 16), NULL, bias, n + 16, N);
+    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + m * 16), scale, bias, n, N);
+    store_row_bf16(y + m * N, _mm512_load_ps(cbuf + 256 + m * 16), scale, bias, n + 16, N);
   }
 }
 
@@ -480,20 +464,18 @@ static void linear_amx(const bf16* x, const void* packed, int format, const floa
     int configured = 0;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < pairs; t++) {
-      if (format != BF16_DENSE && format != BF16_INT8 && M <= 16) {
-        if (!configured) amx_configure(configured = (int)M);
-        amx_pair_blocks(x, K, (const char*)packed + t * 2 * block_stride_f32(K, format), format, y, N, t * 32,
-                        bias, (int)M, cbuf, wide);
-        continue;
-      }
-      const bf16* w = pair_weights_bf16(packed, format, t, K, wide);
+      // One tile of rows: each group is widened as it is used; more: the pair is widened once for all.
+      int in_tiles = format != BF16_DENSE && format != BF16_INT8 && M <= 16;
+      const void* w = in_tiles ? (const char*)packed + t * 2 * block_stride_f32(K, format)
+                               : (const void*)pair_weights_bf16(packed, format, t, K, wide);
       for (int64_t m0 = 0; m0 < M; m0 += 16) {
         int MT = M - m0 >= 16 ? 16 : (int)(M - m0);
         if (MT != configured) {
           amx_configure(MT);
           configured = MT;
         }
-        amx_pair(x + m0 * K, K, w, y + m0 * N, N, t * 32, scale, bias, MT, cbuf);
+        amx_pair(x + m0 * K, K, w, in_tiles ? format : BF16_DENSE, y + m0 * N, N, t * 32, scale, bias, MT, cbuf,
+                 wide);
       }
     }
     if (configured) _tile_release();
