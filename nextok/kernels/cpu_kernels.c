@@ -88,6 +88,15 @@ ALWAYS_INLINE int64_t block_stride_f32(int64_t K, int F) {
   return F == F32_DENSE ? K * 16 * 4 : K / CHUNK * GROUP_BYTES(F);
 }
 
+// Prefetches for the group at `group`: the one PREFETCH_GROUPS ahead into L1 (the widening leaves the
+// hardware prefetcher behind) and the one PREFETCH_FAR ahead into L2 (the prefetcher stops at page ends).
+ALWAYS_INLINE void prefetch_ahead(const char* group, int F) {
+  for (int line = 0; line < GROUP_BYTES(F); line += 64) {
+    _mm_prefetch(group + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
+    if (PREFETCH_FAR) _mm_prefetch(group + PREFETCH_FAR * GROUP_BYTES(F) + line, _MM_HINT_T1);
+  }
+}
+
 // Group g of a column block in a block format: its scale and minimum (0 for Q8); returns its q bytes.
 ALWAYS_INLINE const char* group_f32(const char* block, int64_t g, int F, __m512* scale, __m512* min) {
   const char* h = block + g * GROUP_BYTES(F);
@@ -149,14 +158,8 @@ ALWAYS_INLINE void micro_f32(const float* x, int64_t K, const void* w0v, float* 
 #undef STEP
     } else {  // K % CHUNK == 0: steps go in pairs, k and k + 1 to partial sums s and s + 1 (KS 1: both to 0)
       const char *g0 = w0 + c / CHUNK * GROUP_BYTES(F), *g1 = w1 + c / CHUNK * GROUP_BYTES(F);
-      for (int line = 0; line < GROUP_BYTES(F); line += 64) {  // the widening leaves the prefetcher behind
-        _mm_prefetch(g0 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
-        _mm_prefetch(g1 + PREFETCH_GROUPS * GROUP_BYTES(F) + line, _MM_HINT_T0);
-        if (PREFETCH_FAR) {
-          _mm_prefetch(g0 + PREFETCH_FAR * GROUP_BYTES(F) + line, _MM_HINT_T1);
-          _mm_prefetch(g1 + PREFETCH_FAR * GROUP_BYTES(F) + line, _MM_HINT_T1);
-        }
-      }
+      prefetch_ahead(g0, F);
+      prefetch_ahead(g1, F);
       __m512 s0, s1, m0, m1;
       const char* q0 = group_f32(w0, c / CHUNK, F, &s0, &m0);
       const char* q1 = group_f32(w1, c / CHUNK, F, &s1, &m1);
@@ -381,11 +384,7 @@ static int use_amx(int64_t M, int64_t K, int64_t min_rows) { return amx_ready &&
 ALWAYS_INLINE void widen_group_bf16(const char* w, int64_t g, int F, bf16* dst) {
   const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-  for (int line = 0; line < GROUP_BYTES(F); line += 64)
-  {
-    _mm_prefetch(w + (g + PREFETCH_GROUPS) * GROUP_BYTES(F) + line, _MM_HINT_T0);
-    if (PREFETCH_FAR) _mm_prefetch(w + (g + PREFETCH_FAR) * GROUP_BYTES(F) + line, _MM_HINT_T1);
-  }
+  prefetch_ahead(w + g * GROUP_BYTES(F), F);
   __m512 scale, min, lo, hi;
   const char* q = group_f32(w, g, F, &scale, &min);
   __m512 scale_lo = _mm512_permutexvar_ps(first, scale), min_lo = _mm512_permutexvar_ps(first, min);
@@ -399,6 +398,12 @@ ALWAYS_INLINE void widen_group_bf16(const char* w, int64_t g, int F, bf16* dst) 
 // Weights of a bf16-activation product: BF16_DENSE (the pair layout), a block format (F32_Q4,
 // F32_Q8, bfloat16 values) or int8 (the pair layout, one scale per output applied after).
 enum { BF16_DENSE = 0, BF16_INT8 = 3 };
+
+// A thread's buffer for widened weights: a whole pair (2 x K x 16 values), or two pairs of tiles
+// (amx_pair); NULL where the weights are bf16 already.
+static bf16* wide_buffer(int format, int64_t K) {
+  return format == BF16_DENSE ? NULL : (bf16*)aligned_alloc(64, (32 * K > 2048 ? 32 * K : 2048) * sizeof(bf16));
+}
 
 // Column-block pair t in the bf16 pair layout (2 x K x 16 values): in place where the weights
 // are bf16 already, else widened into `wide`.
@@ -460,7 +465,7 @@ static void linear_amx(const bf16* x, const void* packed, int format, const floa
 #pragma omp parallel num_threads(threads)
   {
     float* cbuf = (float*)aligned_alloc(64, 2 * 256 * sizeof(float));
-    bf16* wide = format != BF16_DENSE ? (bf16*)aligned_alloc(64, (32 * K > 2048 ? 32 * K : 2048) * sizeof(bf16)) : NULL;
+    bf16* wide = wide_buffer(format, K);
     int configured = 0;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < pairs; t++) {
@@ -494,7 +499,7 @@ void linear_bf16(const bf16* x, const void* packed, int format, const bf16* bias
   int64_t pairs = (N + 31) / 32;
 #pragma omp parallel num_threads(threads)
   {
-    bf16* wide = format != BF16_DENSE ? (bf16*)aligned_alloc(64, (32 * K > 2048 ? 32 * K : 2048) * sizeof(bf16)) : NULL;
+    bf16* wide = wide_buffer(format, K);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < pairs; t++) {
       const bf16* w = pair_weights_bf16(packed, format, t, K, wide);
