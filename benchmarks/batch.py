@@ -27,7 +27,7 @@ import torch
 
 from nextok import LLM, SamplingParams
 from nextok.batch import run_batch
-from nextok.models.loader import default_model_path
+from nextok.paths import default_model_path
 
 TOPICS = ["the history of the printing press", "how bees find flowers", "a quiet morning in a mountain village",
           "why the sky is blue", "the rules of chess", "a recipe for bread", "learning a new language",

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from nextok.models.loader import default_model_path, load_checkpoint
+from nextok.models.loader import load_checkpoint
+from nextok.paths import default_model_path
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:

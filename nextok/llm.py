@@ -14,13 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from nextok import kernels
+from nextok.chat import chat_prompt
 from nextok.engine.engine import LLMEngine
 from nextok.engine.sequence import Request
-from nextok.models.loader import Checkpoint, default_model_path, load_checkpoint
+from nextok.models.loader import Checkpoint, load_checkpoint
 from nextok.models.quantize import quantize_int8
 from nextok.models.registry import build_model
 from nextok.outputs import RequestOutput
 from nextok.params import SamplingParams
+from nextok.paths import default_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": "int8"}
 
@@ -97,7 +99,10 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (continuously batched); one RequestOutput per prompt, in input order."""
         texts, ids = self._prompts(prompts, prompt_token_ids)
-        params_list = self._params(params, len(ids))
+        return self._run(texts, ids, self._params(params, len(ids)), use_tqdm)
+
+    def _run(self, texts: list[str | None], ids: list[list[int]], params_list: list[SamplingParams],
+             use_tqdm: bool | None) -> list[RequestOutput]:
         requests: list[Request] = []
         try:
             for text, tokens, p in zip(texts, ids, params_list):
@@ -148,10 +153,18 @@ class LLM:
             if best:
                 yield best[0].text
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        """One chat turn with the model's chat template."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(prompt, params, use_tqdm=False)[0]
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             use_tqdm: bool | None = None) -> RequestOutput | list[RequestOutput]:
+        """The assistant's next turn of a conversation (a list of {role, content}) with the model's chat
+        template; given a list of conversations, one RequestOutput each, generated together."""
+        one = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if one else list(messages)
+        prompts = [chat_prompt(self.tokenizer, m, self.eos_token_ids) for m in conversations]
+        params_list = [p.replace(stop_token_ids=[*p.stop_token_ids, *c.stop_token_ids]) if c.stop_token_ids else p
+                       for p, c in zip(self._params(params, len(prompts)), prompts)]
+        outputs = self._run([c.text for c in prompts], [c.token_ids for c in prompts], params_list,
+                            use_tqdm if use_tqdm is not None else False if one else None)
+        return outputs[0] if one else outputs
 
     def trace(self, prompt: str, params: SamplingParams | None = None, top: int = 20) -> "nextok.explain.Trace":
         """Generate for one prompt and record how each token was chosen (`top` candidates per step).
@@ -161,7 +174,7 @@ class LLM:
         from nextok.explain.recorder import trace_request
 
         (text,), (tokens,) = self._prompts(prompt, None)
-        return trace_request(self, tokens, self._params(params, 1)[0], prompt=text, top=top)
+        return trace_request(self.engine, tokens, self._params(params, 1)[0], prompt=text, top=top)
 
     # ------------------------------------------------------------------ helpers
     def encode(self, text: str) -> list[int]:

@@ -18,15 +18,24 @@ class Completion:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (eos, stop token or stop string) or "length"; None while running
+    # "stop" (eos, stop token or stop string), "length" (max_new_tokens or the model's context), "error"
+    # (the request failed alone: RequestOutput.error says why), "timeout" (a server's time limit); None while running
+    finish_reason: str | None
     score: float = 0.0
     logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass
 class RequestOutput:
+    """One prompt's result: its completions (best first for beam search, else in sample order).
+
+    error: why the request failed, where it did (its completions then end with finish_reason
+    "error"); a failed request never affects the others generated with it.
+    """
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[Completion] = field(default_factory=list)
     finished: bool = False
+    error: str | None = None

@@ -1,4 +1,4 @@
-"""`nextok bench` / benchmarks/compare.py: its workloads, its table, and its refusal of bad names."""
+"""nextok/cli/bench.py (`nextok bench`, shared with benchmarks/compare.py): workloads, table, bad names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from nextok.bench import ENGINES, WORKLOADS, CellResult, format_table, make_workload
+from nextok.cli.bench import WORKLOADS, CellResult, format_table, make_workload
 from nextok.cli import main
 
 
@@ -36,7 +36,9 @@ def test_table_ratios_are_against_transformers_float32():
     results = [CellResult("transformers:float32", "greedy-1", 20.0, 0.1, 1000.0, 2.56),
                CellResult("nextok:float32", "greedy-1", 50.0, 0.05, 900.0, 2.56),
                CellResult("llama.cpp:q4_1", "greedy-1", math.nan, math.nan, math.nan, 0.0, "timed out")]
-    table = format_table(results, ["greedy-1"], ENGINES).splitlines()
+    engines = ["transformers:float32", "nextok:float32", "llama.cpp:q4_1"]
+    table = format_table(results, ["greedy-1"], engines).splitlines()
+    assert table[0].startswith("| workload | engine | new tok/s | x transformers:float32 | 1-token run s")
     assert table[2] == "| greedy-1 | transformers:float32 | 20.0 | 1.00x | 0.100 | 1000 |"
     assert table[3] == "| greedy-1 | nextok:float32 | 50.0 | 2.50x | 0.050 | 900 |"
     assert table[4] == "| greedy-1 | llama.cpp:q4_1 | n/a (timed out) | | | |"

@@ -10,7 +10,6 @@ fields...}` or the OpenAI batch form `{"custom_id", "method", "url", "body"}` (a
 OpenAI batch output form). Ids are compared as strings.
 """
 
-from nextok.batch.command import register_batch_command
 from nextok.batch.files import ResultLog, from_parquet_row, is_parquet, records_to_table
 from nextok.batch.job import BatchSummary, run_batch, run_items
 from nextok.batch.records import record, to_json_line
@@ -18,5 +17,5 @@ from nextok.batch.requests import BatchItem, parse_line, prepare, request_seed
 
 __all__ = [
     "BatchItem", "BatchSummary", "ResultLog", "from_parquet_row", "is_parquet", "parse_line", "prepare", "record",
-    "records_to_table", "register_batch_command", "request_seed", "run_batch", "run_items", "to_json_line",
+    "records_to_table", "request_seed", "run_batch", "run_items", "to_json_line",
 ]

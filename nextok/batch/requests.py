@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from nextok.chat import chat_prompt
 from nextok.params import SamplingParams
 
 OPENAI_URLS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
@@ -87,8 +88,10 @@ def prepare(item: BatchItem, llm, base: SamplingParams) -> BatchItem:
                 raise ValueError("'body' must be a JSON object")
             item.model = source.get("model")
             fields = _openai_fields(source, chat=item.kind == "chat")
-        item.prompt, item.prompt_token_ids = _prompt(source, llm, chat_only=item.kind == "chat")
+        item.prompt, item.prompt_token_ids, stops = _prompt(source, llm, chat_only=item.kind == "chat")
         params = SamplingParams.from_dict({**base.to_dict(), **fields})
+        if stops:
+            params = params.replace(stop_token_ids=[*params.stop_token_ids, *stops])
         if params.seed is None:
             params = params.replace(seed=request_seed(item.id))
         item.params = params.with_model_defaults(llm.generation_config)
@@ -99,20 +102,23 @@ def prepare(item: BatchItem, llm, base: SamplingParams) -> BatchItem:
     return item
 
 
-def _prompt(source: dict, llm, chat_only: bool) -> tuple[str | None, list[int]]:
+def _prompt(source: dict, llm, chat_only: bool) -> tuple[str | None, list[int], list[int]]:
+    """(prompt text, prompt token ids, extra stop token ids) of a line."""
     if chat_only or "messages" in source:
         messages = source.get("messages")
         if not isinstance(messages, list) or not messages:
             raise MissingPrompt("no prompt: give 'messages', a non-empty list of {role, content}")
-        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return text, llm.tokenizer.encode(text)
+        chat = chat_prompt(llm.tokenizer, messages, llm.eos_token_ids)
+        return chat.text, chat.token_ids, chat.stop_token_ids
     prompt = source.get("prompt")
     if prompt is None:
         prompt = source.get("prompt_token_ids")
     if isinstance(prompt, str):
-        return prompt, llm.tokenizer.encode(prompt)
+        if llm.tokenizer is None:
+            raise ValueError("this model has no tokenizer: give 'prompt_token_ids' instead of text")
+        return prompt, llm.tokenizer.encode(prompt), []
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return None, list(prompt)
+        return None, list(prompt), []
     if isinstance(prompt, list) and prompt:
         raise ValueError("'prompt' holds several prompts: put one prompt per line")
     raise MissingPrompt("no prompt: give 'prompt' (text), 'prompt_token_ids' or 'messages'")

@@ -1,14 +1,12 @@
 """trace_request: run one request through the real engine and record every step.
 
-The request runs on a private `LLMEngine` over the LLM's model (its own small KV cache), whose
+The request runs on a private `LLMEngine` over the given engine's model (its own small KV cache), whose
 runner hands back each step's logits. After each step the recorder describes what that step saw,
 with the engine's own processors and the state before the step; the chosen tokens, beams and
 hypotheses are read from the engine, so the trace's tokens are exactly what `generate` gives.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,9 +31,6 @@ from nextok.sampling.beam import _NEG
 from nextok.sampling.sampler import sample_without_replacement
 from nextok.sampling.selection import row_batch, select_beam_logprobs
 
-if TYPE_CHECKING:
-    from nextok.llm import LLM
-
 
 class _RecordingRunner:
     """The engine's ModelRunner, keeping the last step's sequences and logits."""
@@ -56,10 +51,11 @@ class _RecordingRunner:
 
 
 def trace_request(
-    llm: LLM, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None, top: int = 20
+    engine: LLMEngine, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None, top: int = 20
 ) -> Trace:
-    """Generate for one prompt on the LLM's model, recording `top` candidates per step."""
-    engine = _private_engine(llm, len(prompt_token_ids), params)
+    """Generate for one prompt on the engine's model, recording `top` candidates per step."""
+    tokenizer = engine.tokenizer
+    engine = _private_engine(engine, len(prompt_token_ids), params)
     recorder = _RecordingRunner(engine.runner)
     engine.runner = recorder
     request = engine.add_request(prompt_token_ids, params, prompt=prompt)
@@ -79,22 +75,22 @@ def trace_request(
         steps.after_step(recorder, before)
     trace.outputs = engine.output(request).outputs
     steps.fill(trace)
-    trace.vocab = _vocab(llm, trace)
+    trace.vocab = _vocab(tokenizer, trace)
     return trace
 
 
-def _private_engine(llm: LLM, num_prompt_tokens: int, params: SamplingParams) -> LLMEngine:
-    """An engine over the LLM's model with a KV cache just big enough for this one request."""
-    block_size = llm.engine.blocks.block_size
-    total = min(num_prompt_tokens + params.max_new_tokens, llm.model.max_positions)
+def _private_engine(shared: LLMEngine, num_prompt_tokens: int, params: SamplingParams) -> LLMEngine:
+    """An engine over the shared engine's model with a KV cache just big enough for this one request."""
+    block_size = shared.blocks.block_size
+    total = min(num_prompt_tokens + params.max_new_tokens, shared.max_model_len)
     per_seq = -(-total // block_size) + 1
     num_blocks = max(params.num_beams, params.num_return_sequences) * per_seq + 2
-    per_block = ModelRunner.bytes_per_block(llm.model, block_size, torch.float32)  # an upper bound
-    return LLMEngine(llm.model, llm.eos_token_ids, tokenizer=llm.tokenizer, kv_cache_memory=num_blocks * per_block,
-                     block_size=block_size, device=llm.device)
+    per_block = ModelRunner.bytes_per_block(shared.model, block_size, torch.float32)  # an upper bound
+    return LLMEngine(shared.model, shared.eos_token_ids, tokenizer=shared.tokenizer,
+                     kv_cache_memory=num_blocks * per_block, block_size=block_size, device=shared.runner.device)
 
 
-def _vocab(llm: LLM, trace: Trace) -> dict[int, str]:
+def _vocab(tokenizer, trace: Trace) -> dict[int, str]:
     ids = set(trace.prompt_token_ids)
     for c in trace.outputs:
         ids.update(c.token_ids)
@@ -105,9 +101,9 @@ def _vocab(llm: LLM, trace: Trace) -> dict[int, str]:
         for step in trace.beam.steps:
             for node in step.beams:
                 ids.update(c.token for c in node.candidates)
-    if llm.tokenizer is None:
+    if tokenizer is None:
         return {i: f"<{i}>" for i in sorted(ids)}
-    return {i: llm.tokenizer.token_to_str(i) for i in sorted(ids)}
+    return {i: tokenizer.token_to_str(i) for i in sorted(ids)}
 
 
 # ---------------------------------------------------------------------- greedy and sampling

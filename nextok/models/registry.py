@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -25,27 +26,46 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
-ARCHITECTURES: dict[str, tuple[type[nn.Module], Any]] = {
-    "GPT2LMHeadModel": (GPT2LMHeadModel, GPT2Config),
-    "LlamaForCausalLM": (LlamaForCausalLM, LlamaConfig),
-    "MistralForCausalLM": (LlamaForCausalLM, LlamaConfig),
-    "Qwen2ForCausalLM": (LlamaForCausalLM, LlamaConfig),
-}
-MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM"}
+@dataclass(frozen=True)
+class Architecture:
+    """What nextok knows of one checkpoint architecture (the name in config.json's `architectures`)."""
+
+    name: str
+    model: type[nn.Module]
+    config: Any  # the config dataclass, with from_hf(dict)
+    model_types: tuple[str, ...]  # config.json `model_type` values that name it
+    weight_prefix: str = "model."  # the base model's key prefix in checkpoints
+    tied_by_default: bool = False  # transformers' tie_word_embeddings when config.json leaves it out
+    gguf_name: str | None = None  # GGUF `general.architecture`
+
+
+# The one table of supported architectures: the loaders (HF folders, GGUF) and the builder read it.
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("GPT2LMHeadModel", GPT2LMHeadModel, GPT2Config, ("gpt2",), "transformer.", True, "gpt2"),
+    Architecture("LlamaForCausalLM", LlamaForCausalLM, LlamaConfig, ("llama",), gguf_name="llama"),
+    Architecture("MistralForCausalLM", LlamaForCausalLM, LlamaConfig, ("mistral",)),
+    Architecture("Qwen2ForCausalLM", LlamaForCausalLM, LlamaConfig, ("qwen2",), gguf_name="qwen2"),
+)}
 
 # Checkpoint entries that are buffers, not weights (old GPT-2 files carry the causal mask).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
-def architecture_of(config: dict[str, Any]) -> str:
-    for arch in config.get("architectures") or []:
-        if arch in ARCHITECTURES:
-            return arch
-    if config.get("model_type") in MODEL_TYPES:
-        return MODEL_TYPES[config["model_type"]]
-    named = config.get("architectures") or config.get("model_type")
-    raise ValueError(f"unsupported architecture {named!r}; supported: {', '.join(ARCHITECTURES)}")
+def find_architecture(config: dict[str, Any]) -> Architecture | None:
+    """The architecture a config names (by `architectures`, else `model_type`), or None."""
+    for name in config.get("architectures") or []:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    model_type = config.get("model_type")
+    return next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
+
+
+def architecture_of(config: dict[str, Any]) -> Architecture:
+    found = find_architecture(config)
+    if found is None:
+        named = config.get("architectures") or config.get("model_type")
+        raise ValueError(f"unsupported architecture {named!r}; supported: {', '.join(ARCHITECTURES)}")
+    return found
 
 
 def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
@@ -59,7 +79,8 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     blocks: let bfloat16 layers keep a quantized checkpoint's block format (False where the
     weights are about to be requantized anyway, as for int8).
     """
-    model_cls, config_cls = ARCHITECTURES[architecture_of(config)]
+    arch = architecture_of(config)
+    model_cls, config_cls = arch.model, arch.config
     if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
         window = config["sliding_window"]
         if window < config.get("max_position_embeddings", 0):

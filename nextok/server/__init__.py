@@ -1,10 +1,10 @@
-"""An OpenAI-compatible HTTP server on the engine: `nextok serve`, or `build_app(llm)` for any ASGI server."""
+"""An OpenAI-compatible HTTP server on the engine: `build_app(llm)` for any ASGI server (`nextok serve` runs it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["build_app", "ServerSettings", "register_serve_command"]
+__all__ = ["build_app", "ServerSettings"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,8 +17,4 @@ def __getattr__(name: str) -> Any:
         from nextok.server.settings import ServerSettings
 
         return ServerSettings
-    if name == "register_serve_command":
-        from nextok.server.cli import register_serve_command
-
-        return register_serve_command
     raise AttributeError(f"module 'nextok.server' has no attribute {name!r}")

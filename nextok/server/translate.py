@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from nextok.chat import chat_prompt
 from nextok.params import SamplingParams
 from nextok.server.errors import ApiError, bad_request
 from nextok.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -36,34 +37,11 @@ class ServedModel:
     max_model_len: int
     eos_token_ids: list[int]
     generation_config: dict = field(default_factory=dict)
-    chat_stop_token_ids: list[int] = field(default_factory=list)  # ends an assistant turn but is not an EOS
 
     @classmethod
     def from_llm(cls, llm, name: str | None = None) -> ServedModel:
-        end = end_of_turn_token_id(llm.tokenizer) if llm.tokenizer is not None else None
-        extra = [end] if end is not None and end not in llm.eos_token_ids else []
         return cls(name=name or llm.model_name, tokenizer=llm.tokenizer, max_model_len=llm.model.max_positions,
-                   eos_token_ids=list(llm.eos_token_ids), generation_config=dict(llm.generation_config or {}),
-                   chat_stop_token_ids=extra)
-
-
-def end_of_turn_token_id(tokenizer) -> int | None:
-    """The special token the chat template writes after an assistant message (<|im_end|>, <|eot_id|>, ...)."""
-    if not tokenizer.chat_template:
-        return None
-    marker = "\u2063nextok-end-of-turn\u2063"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": marker}],
-                                             add_generation_prompt=False)
-    except Exception:  # a template may refuse this conversation; then rely on the EOS ids
-        return None
-    after = text.split(marker, 1)[1] if marker in text else ""
-    ids = tokenizer.encode(after.lstrip(" "), add_special_tokens=False) if after.strip() else []
-    if not ids:
-        return None
-    specials = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special}
-    return ids[0] if tokenizer.token_to_str(ids[0]) in specials else None
+                   eos_token_ids=list(llm.eos_token_ids), generation_config=dict(llm.generation_config or {}))
 
 
 # ---------------------------------------------------------------------- requests
@@ -94,17 +72,17 @@ def chat_work(body: ChatCompletionRequest, model: ServedModel, settings: ServerS
         raise bad_request("This model has no chat template: use /v1/completions.", param="messages")
     messages = [{"role": m.role, "content": _message_text(m.content, i)} for i, m in enumerate(body.messages)]
     try:
-        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # the template's own checks (raise_exception), e.g. roles out of order
-        raise bad_request(f"The chat template rejected these messages: {e}", param="messages") from None
-    tokens = model.tokenizer.encode(prompt, add_special_tokens=False)
+        chat = chat_prompt(model.tokenizer, messages, model.eos_token_ids)
+    except ValueError as e:
+        raise bad_request(f"{str(e)[:1].upper()}{str(e)[1:]}.", param="messages") from None
+    prompt, tokens = chat.text, chat.token_ids
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true.", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.max_completion_tokens is not None:
         body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
     params = sampling_params(body, tokens, model, settings, default_max_tokens=None, logprobs=logprobs,
-                             extra_stop_token_ids=model.chat_stop_token_ids)
+                             extra_stop_token_ids=chat.stop_token_ids)
     return [Work(tokens, params, prompt)]
 
 

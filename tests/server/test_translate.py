@@ -7,7 +7,7 @@ import pytest
 from nextok.server.errors import ApiError
 from nextok.server.protocol import ChatCompletionRequest, CompletionRequest
 from nextok.server.settings import ServerSettings
-from nextok.server.translate import ServedModel, chat_work, completion_work, end_of_turn_token_id
+from nextok.server.translate import ServedModel, chat_work, completion_work
 
 
 @pytest.fixture
@@ -19,30 +19,6 @@ def model(default_tokenizer) -> ServedModel:
 def params(model, **body):
     (work,) = completion_work(CompletionRequest(prompt="Hello", **body), model, ServerSettings())
     return work.params
-
-
-def test_end_of_turn_token_is_im_end(default_tokenizer):
-    assert end_of_turn_token_id(default_tokenizer) == default_tokenizer.backend.token_to_id("<|im_end|>")
-
-
-def test_chat_stops_at_end_of_turn_when_it_is_not_an_eos(default_tokenizer):
-    class FakeLLM:
-        tokenizer = default_tokenizer
-        eos_token_ids = [0]  # a model whose EOS is <|endoftext|> only
-        generation_config: dict = {}
-        model_name = "m"
-
-        class model:
-            max_positions = 64
-
-    served = ServedModel.from_llm(FakeLLM())
-    im_end = default_tokenizer.backend.token_to_id("<|im_end|>")
-    assert served.chat_stop_token_ids == [im_end]
-    body = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    (work,) = chat_work(body, served, ServerSettings())
-    assert im_end in work.params.stop_token_ids
-    prompt = default_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert work.prompt_token_ids == default_tokenizer.encode(prompt, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("body, expected", [

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from nextok.cli.common import add_model_flags, add_sampling_flags, load_llm, sampling_params_from_args
 from nextok.params import SamplingParams
 
 _SPEC_HELP = ("comma-separated strategies to show side by side, each a '+'-joined list of: greedy, sample, "
@@ -58,8 +59,6 @@ def parse_compare(text: str, base: SamplingParams) -> list[tuple[str, SamplingPa
 
 def register_explain_command(sub: argparse._SubParsersAction) -> None:
     """Add `nextok explain` to the CLI's subcommands."""
-    from nextok.cli import add_model_flags, add_sampling_flags
-
     cmd = sub.add_parser(
         "explain", help="write an HTML page that shows how each token was chosen",
         description="Trace one prompt and write a self-contained HTML page: the text coloured by probability, "
@@ -75,7 +74,6 @@ def register_explain_command(sub: argparse._SubParsersAction) -> None:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from nextok.cli import load_llm, sampling_params_from_args
     from nextok.explain.page import render_page
 
     if args.top < 1:

@@ -6,13 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from nextok.batch.job import run_batch
+from nextok.cli.common import add_model_flags, add_sampling_flags, kv_cache_bytes, load_llm, sampling_params_from_args
 
 
-def register_batch_command(sub) -> None:
+def register_batch_command(sub: argparse._SubParsersAction) -> None:
     """Add `nextok batch` to the CLI's subparsers."""
-    from nextok.cli import add_model_flags, add_sampling_flags
-
     p = sub.add_parser(
         "batch", help="generate for every line of a JSONL / Parquet file; resumable",
         description="Generate for every request of INPUT (JSONL or Parquet; nextok's form or the OpenAI batch "
@@ -36,15 +34,15 @@ def register_batch_command(sub) -> None:
 
 
 def _batch_command(args: argparse.Namespace) -> int:
-    from nextok.cli import load_llm, sampling_params_from_args
+    from nextok.batch.job import run_batch
 
     params = sampling_params_from_args(args)
     if args.max_in_flight < 1:
         raise ValueError(f"--max-in-flight={args.max_in_flight} is invalid: use 1 or more")
     if args.ray:
-        from nextok.ray import run_ray_batch
+        from nextok.batch.ray_job import run_ray_batch
 
-        memory = None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30))
+        memory = kv_cache_bytes(args)
         run_ray_batch(args.input, args.output, model=args.model, params=params, replicas=args.replicas,
                       num_cpus=args.num_cpus, num_gpus=args.num_gpus, batch_size=args.ray_batch_size,
                       dtype=args.dtype, device=args.device, kv_cache_memory=memory)

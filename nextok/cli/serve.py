@@ -7,10 +7,10 @@ import os
 import signal
 import sys
 
+from nextok.cli.common import add_model_flags, load_llm
+
 
 def register_serve_command(sub: argparse._SubParsersAction) -> None:
-    from nextok.cli import add_model_flags
-
     serve = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models)",
                            description="An OpenAI-compatible HTTP server; existing OpenAI clients work unchanged.")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -35,7 +35,6 @@ def register_serve_command(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from nextok.cli import load_llm
     from nextok.server.app import build_app
     from nextok.server.settings import ServerSettings
 

@@ -1,13 +1,11 @@
-"""The `nextok` command: parse, build the dataclasses, call the library."""
+"""What every subcommand shares: the SamplingParams flags, the model flags, and loading the model."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import sys
 import typing
-from pathlib import Path
 
 from nextok.params import SamplingParams
 
@@ -56,7 +54,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "stop_token_ids":
             group.add_argument(flag, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text)
         elif f.name == "bad_words_ids":
-            group.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(flag, type=_json_value, default=argparse.SUPPRESS, help=help_text)
         else:
             base = int if "int" in str(kind) else float
             group.add_argument(flag, type=base, default=argparse.SUPPRESS, help=help_text)
@@ -79,11 +77,28 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                             "nextok's CPU kernels are off (NEXTOK_KERNELS=0); with them it only warns")
 
 
+def kv_cache_bytes(args: argparse.Namespace) -> int | None:
+    """--kv-cache-gb in bytes (None: sized from free memory); a budget must be positive."""
+    if args.kv_cache_gb is None:
+        return None
+    if not args.kv_cache_gb > 0:
+        raise ValueError(f"--kv-cache-gb {args.kv_cache_gb} is invalid: give a size in GiB above 0 "
+                         "(or leave it out to size the cache from free memory)")
+    return max(1, int(args.kv_cache_gb * (1 << 30)))
+
+
 def load_llm(args: argparse.Namespace):
     from nextok.llm import LLM
 
-    memory = None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30))
-    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=memory, compile=args.compile)
+    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=kv_cache_bytes(args),
+               compile=args.compile)
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
 
 
 def _early_stopping(value: str) -> bool | str:
@@ -95,79 +110,3 @@ def _early_stopping(value: str) -> bool | str:
     if lowered == "never":
         return "never"
     raise argparse.ArgumentTypeError(f"--early-stopping takes true, false or never, not {value!r}")
-
-
-# ---------------------------------------------------------------------- generate
-def _generate(args: argparse.Namespace) -> int:
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        lines = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text()
-        prompts += [line for line in lines.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError("no prompt: give one as an argument, or --prompts-file FILE (- for stdin)")
-    params = sampling_params_from_args(args)
-    llm = load_llm(args)
-    if args.chat:
-        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    if len(prompts) == 1 and params.num_return_sequences == 1 and params.num_beams == 1 and not args.json:
-        for delta in llm.stream(prompts[0], params):
-            print(delta, end="", flush=True)
-        print()
-        return 0
-    results = llm.generate(prompts, params)
-    for i, result in enumerate(results):
-        for c in result.outputs:
-            if args.json:
-                print(json.dumps({"prompt_index": i, "prompt": result.prompt, "index": c.index, "text": c.text,
-                                  "token_ids": c.token_ids, "finish_reason": c.finish_reason, "score": c.score,
-                                  "logprobs": c.logprobs}, ensure_ascii=False))
-            else:
-                header = f"=== prompt {i + 1}" + (f", sequence {c.index + 1}" if len(result.outputs) > 1 else "")
-                print(f"{header} (score {c.score:.4f}, {c.finish_reason})")
-                print((result.prompt or "") + c.text)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nextok",
-        description="Exact, fast text generation: greedy, beam search and sampling, as transformers does them.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    gen = sub.add_parser("generate", help="generate text for one or more prompts",
-                         description="Generate text. Flags mirror SamplingParams; greedy by default.")
-    gen.add_argument("prompt", nargs="*", help="the prompt(s)")
-    gen.add_argument("--prompts-file", help="read one prompt per line from FILE (- for stdin)")
-    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
-    add_model_flags(gen)
-    add_sampling_flags(gen)
-    gen.set_defaults(func=_generate)
-    # Subcommands defined beside the code they drive; imported here so `nextok --help` stays quick
-    # for the rest (the server and Ray are only loaded by their own commands).
-    from nextok.batch import register_batch_command
-    from nextok.bench import register_bench_command
-    from nextok.explain.command import register_explain_command
-    from nextok.server.cli import register_serve_command
-
-    for register in (register_batch_command, register_serve_command, register_explain_command,
-                     register_bench_command):
-        register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, MemoryError, FileNotFoundError) as e:
-        print(f"nextok: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
