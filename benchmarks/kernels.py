@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from nextok.kernels import library
-from nextok.kernels.ops import pack_blocks, pack_weight, packed_linear
+from nextok.kernels.ops import packed_linear
+from nextok.kernels.packing import pack_blocks, pack_weight
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 

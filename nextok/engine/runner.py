@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from nextok.engine.scheduler import ScheduledBatch
+from nextok.kernels.fused import FusedDecoder, fused_key
 from nextok.models.attention import AttentionMetadata, LayerKV
 
 
@@ -22,6 +23,7 @@ class ModelRunner:
         self.kv_storage = torch.zeros((2, layers, num_blocks, block_size, n_kv, head_dim), dtype=kv_dtype,
                                       device=self.device)
         self.kv_caches: list[LayerKV] = [(self.kv_storage[0, i], self.kv_storage[1, i]) for i in range(layers)]
+        self._fused: FusedDecoder | None = None
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -35,10 +37,26 @@ class ModelRunner:
         input_ids, positions, meta, last_rows = (
             self._prepare_prefill(batch) if batch.is_prefill else self._prepare_decode(batch)
         )
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
+        fused = None if batch.is_prefill else self.fused_decoder()
+        if fused is not None and fused.accepts_rows(len(batch.seqs)):
+            x, cos, sin = self.model.embed(input_ids, positions)
+            hidden = fused(x, cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)  # (B, hidden)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
         if last_rows is not None:
             hidden = hidden[last_rows]  # (B, hidden)
         return self.model.compute_logits(hidden)
+
+    def fused_decoder(self) -> FusedDecoder | None:
+        """The one-call decode step for this model and cache where the kernels run it (rebuilt when any
+        tensor it reads changed: a model moved or requantized after the engine was made)."""
+        describe = getattr(self.model, "decoder_weights", None)
+        weights = describe() if describe is not None else None
+        if weights is None:
+            return None
+        if self._fused is None or self._fused.key != fused_key(weights, self.kv_caches):
+            self._fused = FusedDecoder.build(weights, self.kv_caches)
+        return self._fused
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)

@@ -1,138 +1,112 @@
-"""nextok's own CPU kernels (cpu_kernels.c), compiled once on first use and loaded with ctypes.
+"""nextok's own CPU kernels (csrc/), compiled once on first use and loaded with ctypes.
 
-The library is built with the system C compiler (`cc`, or $CC) for AVX-512 with BF16 and VNNI and cached
-under $NEXTOK_CACHE/kernels (default ~/.cache/nextok/kernels), keyed by the source and flags.
-Where the CPU lacks those instructions, no compiler is found, the build fails, or
-NEXTOK_KERNELS=0 is set, `library()` returns None and every op falls back to PyTorch.
-On CPUs with AMX, bfloat16 and int8 products of more than 4 rows use the tile unit
-(NEXTOK_AMX=0 keeps them on AVX-512).
+`library()` returns the loaded library of the best instruction-set tier this CPU runs (see
+library.py), or None where there is none: no AVX-512, no C compiler, a failed build, or
+NEXTOK_KERNELS=0. Then every op falls back to PyTorch (ops.py). With NEXTOK_REQUIRE_KERNELS=1 a
+missing library is an error instead (CI sets it, so the kernel tests cannot skip silently).
+On CPUs with AMX, bfloat16 and int8 products of several rows use the tile unit (NEXTOK_AMX=0 keeps
+them on AVX-512).
+
+The kernels are pure functions of tensors: they know nothing of models. `call` runs one and turns
+its status into an exception.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 
-from nextok.paths import default_cache_dir
+from nextok.kernels.library import (KernelBuildError, Tier, amx_runs_here, best_tier, build, compiler, cpu_flags,
+                                    load)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+__all__ = ["KernelBuildError", "amx_enabled", "call", "has", "library", "tier"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_tier: Tier | None = None
+_path: str | None = None
 _tried = False
 _amx = False
 
-_P, _I64, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-SIGNATURES = {
-    "linear_f32": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
-    "linear_bf16": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
-    "linear_int8": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT],
-    "rms_norm_f32": [_P, _P, _P, _P, _I64, _I64, _F],
-    "rms_norm_bf16": [_P, _P, _P, _P, _I64, _I64, _F],
-    "silu_mul_f32": [_P, _P, _I64, _I64],
-    "silu_mul_bf16": [_P, _P, _I64, _I64],
-    "rotary_store_f32": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64],
-    "rotary_store_bf16": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64],
-    "decode_attention_f32": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
-    "decode_attention_bf16": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F, _INT],
-    "read_sum_f32": [_P, _I64, _INT],
-    "bf16_to_f32": [_P, _P, _I64, _INT],
-    "top_k_f32": [_P, _I64, _I64, _I64, _P, _P, _INT],
-    "logsumexp_f32": [_P, _I64, _I64, _P, _INT],
-    "amx_init": [],
-    "decode_layers": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F, _F,
-                      _INT, _INT],
-}
-RESTYPES = {"read_sum_f32": ctypes.c_float, "amx_init": ctypes.c_int, "top_k_f32": ctypes.c_int64}
 
-
-def enabled_by_environment() -> bool:
-    return os.environ.get("NEXTOK_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def cpu_flags() -> set[str]:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_supported() -> bool:
-    flags = cpu_flags()
-    return all(flag in flags for flag in REQUIRED_CPU_FLAGS)
-
-
-def amx_enabled() -> bool:
-    """Whether bfloat16 products of several rows run on AMX tiles (needs amx_bf16 and Linux's permission)."""
-    return library() is not None and _amx
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None where it cannot be used here."""
-    global _library, _tried, _amx
+    global _library, _tier, _path, _tried, _amx
     if _tried:
         return _library
     with _lock:
         if not _tried:
-            if enabled_by_environment() and cpu_supported():
-                _library = _load()
-                wanted = {"amx_tile", "amx_bf16"} <= cpu_flags() and os.environ.get("NEXTOK_AMX", "1") != "0"
-                _amx = _library is not None and wanted and bool(_library.amx_init())
-            _tried = True
+            try:
+                _library, _tier, _path = _load()
+                _amx = _tier is not None and _amx_wanted() and bool(_library.amx_init())
+            finally:
+                _tried = True
     return _library
 
 
-def _cache_dir() -> Path:
-    return default_cache_dir() / "kernels"
+def _load() -> tuple[ctypes.CDLL | None, Tier | None, str | None]:
+    required = _flag("NEXTOK_REQUIRE_KERNELS", "0")
+    if not _flag("NEXTOK_KERNELS", "1"):
+        if required:
+            raise KernelBuildError("NEXTOK_REQUIRE_KERNELS=1 and NEXTOK_KERNELS=0 contradict each other")
+        return None, None, None
+    chosen = best_tier()
+    cc = compiler()
+    problem = None
+    if chosen is None:
+        problem = "this CPU has no AVX-512"
+    elif cc is None:
+        problem = "no C compiler found (cc/gcc); install gcc to build them"
+    else:
+        try:
+            path = build(chosen, cc)
+            return load(path), chosen, str(path)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr \
+                else e
+            problem = f"the {chosen.name} build failed ({detail})"
+    if required:
+        raise KernelBuildError(f"nextok's CPU kernels are required (NEXTOK_REQUIRE_KERNELS=1) but {problem}")
+    warnings.warn(f"nextok: not using the CPU kernels: {problem}; running on PyTorch ops, which is slower",
+                  stacklevel=3)
+    return None, None, None
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return name
-    return None
+def _amx_wanted() -> bool:
+    if not ({"amx_tile", "amx_bf16"} <= cpu_flags() and _flag("NEXTOK_AMX", "1")):
+        return False
+    return _tier.name == "avx512_bf16" and amx_runs_here(_path)
 
 
-def _load() -> ctypes.CDLL | None:
-    compiler = _compiler()
-    if compiler is None:
-        warnings.warn("nextok: no C compiler found (cc/gcc); running on PyTorch ops only, which is slower. "
-                      "Install gcc to build nextok's CPU kernels.", stacklevel=3)
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
-    try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                               check=True, capture_output=True, text=True)
-                os.replace(built, target)  # atomic: a concurrent loader sees the whole file or none
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
-        warnings.warn(f"nextok: cannot build the CPU kernels ({detail}); running on PyTorch ops only, "
-                      "which is slower", stacklevel=3)
-        return None
-    for name, argtypes in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = RESTYPES.get(name)
-    return lib
+def tier() -> str | None:
+    """The loaded tier's name ("avx512_bf16", "avx512"), or None without kernels."""
+    library()
+    return None if _tier is None else _tier.name
+
+
+def has(name: str) -> bool:
+    """Whether the loaded library has this kernel (the avx512 tier lacks the bfloat16 ones)."""
+    lib = library()
+    return lib is not None and hasattr(lib, name)
+
+
+def amx_enabled() -> bool:
+    """Whether bfloat16 and int8 products of several rows run on AMX tiles."""
+    return library() is not None and _amx
+
+
+def call(name: str, *args) -> int:
+    """Run kernel `name`; a status below 0 becomes MemoryError or ValueError. Returns the status."""
+    status = getattr(library(), name)(*args)
+    if isinstance(status, int) and status < 0:
+        if status == -1:
+            raise MemoryError(f"nextok kernel {name}: out of memory")
+        raise ValueError(f"nextok kernel {name}: an argument it cannot take")
+    return status

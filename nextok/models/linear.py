@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextok.kernels import amx_enabled, library
-from nextok.kernels.ops import pack_blocks, pack_weight, packed_linear, unpack_weight
+from nextok.kernels.fused import LinearWeights
+from nextok.kernels.ops import packed_linear
+from nextok.kernels.packing import pack_blocks, pack_weight, unpack_weight
 
 BF16_ROWS_WITHOUT_AMX = 8  # above this many rows, oneDNN's bf16 product beats the AVX-512 kernel
 
@@ -48,6 +50,9 @@ class PackedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The (out, in) matrix (rebuilt from the packed one where only that is kept)."""
         return self.dense if self.dense is not None else unpack_weight(self.packed, self.out_features, self.dtype)
+
+    def kernel_weights(self) -> LinearWeights:
+        return LinearWeights(self.packed, self.bias, self.out_features, self.dtype, max_rows=self.kernel_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = self.kernel_rows is None or x.numel() <= self.kernel_rows * self.in_features

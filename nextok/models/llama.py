@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextok.kernels import ops
-from nextok.kernels.decode import FusedDecoder
+from nextok.kernels.fused import DecoderLayerWeights, DecoderWeights
 from nextok.models.attention import AttentionMetadata, LayerKV, attend
 
 
@@ -255,14 +255,9 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[LayerKV] | None = None,
         attn_meta: AttentionMetadata | None = None,
     ) -> torch.Tensor:  # (N, hidden)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions)  # (N, D) float32
+        x, cos, sin = self.embed(input_ids, positions)
         attention_inputs, attention_outputs = self._stages
         compiled = attention_inputs is not LlamaDecoderLayer.attention_inputs
-        if not compiled and kv_caches and attn_meta is not None and not attn_meta.is_prefill:
-            decoder = self._fused_decoder(kv_caches)
-            if decoder is not None and decoder.accepts(x):
-                return decoder(x, cos, sin, attn_meta)
         slots = None if compiled or attn_meta is None else attn_meta.slot_mapping
         delta = None
         for i, layer in enumerate(self.model.layers):
@@ -273,16 +268,30 @@ class LlamaForCausalLM(nn.Module):
         norm = self.model.norm
         return ops.add_rms_norm(delta, x, norm.weight, norm.eps)[1]
 
-    def _fused_decoder(self, kv_caches: list[LayerKV]) -> FusedDecoder | None:
-        """The one-call decode step over these caches (built once per cache), or None where it does not apply."""
-        # Every cache tensor's address: a new engine's caches may reuse some of a freed one's.
-        k_cache = kv_caches[0][0]
-        key = (k_cache.shape, k_cache.dtype, *(t.data_ptr() for kv in kv_caches for t in kv))
-        cached = getattr(self, "_decoder", None)
-        if cached is None or cached[0] != key:
-            cached = (key, FusedDecoder.build(self, kv_caches))
-            self._decoder = cached
-        return cached[1]
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        """The token embeddings (N, hidden) and the rotary cos, sin (N, D) float32 of these positions."""
+        cos, sin = self.model.rotary_emb(positions)
+        return self.model.embed_tokens(input_ids), cos, sin
+
+    def decoder_weights(self) -> DecoderWeights | None:
+        """The decoder layers as the fused kernel step reads them, or None where it cannot (compiled
+        stages, unfused or unpacked projections)."""
+        if self._stages[0] is not LlamaDecoderLayer.attention_inputs:
+            return None
+        layers = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            modules = [getattr(attn, "qkv_proj", None), getattr(attn, "o_proj", None),
+                       getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)]
+            linears = [m.kernel_weights() if hasattr(m, "kernel_weights") else None for m in modules]
+            if any(lin is None for lin in linears):
+                return None
+            layers.append(DecoderLayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                              *linears))
+        c = self.config
+        return DecoderWeights(layers, self.model.norm.weight, c.hidden_size, c.intermediate_size,
+                              c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps,
+                              self.model.layers[0].self_attn.scale)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) float32
         return ops.to_float32(self.lm_head(hidden))

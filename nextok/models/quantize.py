@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nextok.kernels import library
-from nextok.kernels.ops import pack_weight, packed_linear, unpack_weight
+from nextok.kernels import has
+from nextok.kernels.fused import LinearWeights
+from nextok.kernels.ops import packed_linear
+from nextok.kernels.packing import pack_weight, unpack_weight
 from nextok.models.linear import PackedLinear
 
 
@@ -28,10 +30,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_f32", self.scale.float())
         bias = getattr(linear, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
-        usable = library() is not None and weight.device.type == "cpu" and self.in_features % 2 == 0
+        usable = has("linear_int8") and weight.device.type == "cpu" and self.in_features % 2 == 0
         # The packed copy is all the kernel needs; aten's product needs the (out, in) one.
         self.register_buffer("packed", pack_weight(quantized) if usable else None)
         self.register_buffer("weight", None if usable else quantized)
+
+    def kernel_weights(self) -> LinearWeights | None:
+        if self.packed is None:
+            return None
+        return LinearWeights(self.packed, self.bias, self.out_features, torch.bfloat16, scale=self.scale_f32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from nextok.kernels import library, ops
+from nextok.kernels import library, ops, packing
 
 pytestmark = pytest.mark.skipif(library() is None, reason="nextok's CPU kernels need AVX-512 BF16 and a C compiler")
 
@@ -26,8 +26,8 @@ def close(actual, expected, tol):
 def test_packed_linear_matches_torch(dtype, tol, rows, k, n):
     torch.manual_seed(rows * 1000 + k + n)
     x, w, b = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype) / k**0.5, torch.randn(n, dtype=dtype)
-    packed = ops.pack_weight(w)
-    assert torch.equal(ops.unpack_weight(packed, n), w)
+    packed = packing.pack_weight(w)
+    assert torch.equal(packing.unpack_weight(packed, n), w)
     close(ops.packed_linear(x, packed, n), F.linear(x.float(), w.float()).to(dtype), tol)
     close(ops.packed_linear(x, packed, n, b), F.linear(x.float(), w.float(), b.float()).to(dtype), tol)
 
@@ -41,7 +41,7 @@ def test_int8_packed_linear_matches_the_dequantised_product(rows, k, n):
     scale = torch.rand(n) / 100
     b = torch.randn(n, dtype=torch.bfloat16)
     expected = (x.float() @ (w.float() * scale[:, None]).t() + b.float()).bfloat16()
-    close(ops.packed_linear(x, ops.pack_weight(w), n, b, scale), expected, 2e-2)
+    close(ops.packed_linear(x, packing.pack_weight(w), n, b, scale), expected, 2e-2)
 
 
 def _gguf_values(n: int, k: int, qtype: Q, seed: int) -> torch.Tensor:
@@ -50,16 +50,16 @@ def _gguf_values(n: int, k: int, qtype: Q, seed: int) -> torch.Tensor:
     return torch.from_numpy(gguf_dequantize(gguf_quantize(w, qtype), qtype).reshape(n, k))
 
 
-@pytest.mark.parametrize("qtype,group_bytes", [(Q.Q4_1, ops.Q4_GROUP_BYTES), (Q.Q8_0, ops.Q8_GROUP_BYTES)],
+@pytest.mark.parametrize("qtype,group_bytes", [(Q.Q4_1, packing.Q4_GROUP_BYTES), (Q.Q8_0, packing.Q8_GROUP_BYTES)],
                          ids=["q4_1", "q8_0"])
 @pytest.mark.parametrize("k,n", [(64, 96), (576, 962), (1536, 577)])
 def test_block_format_products_equal_the_dense_ones_bit_for_bit(qtype, group_bytes, k, n):
     w = _gguf_values(n, k, qtype, seed=k + n)
-    packed = ops.pack_blocks(w)
+    packed = packing.pack_blocks(w)
     assert packed is not None and packed.dtype == torch.uint8 and packed.shape == ((n + 31) // 32 * 2, k // 32, group_bytes)
-    assert torch.equal(ops.unpack_blocks(packed, n).view(torch.int32), w.view(torch.int32))
-    assert torch.equal(ops.unpack_weight(packed, n).view(torch.int32), w.view(torch.int32))  # what PackedLinear.weight calls
-    dense = ops.pack_weight(w)
+    assert torch.equal(packing.unpack_blocks(packed, n).view(torch.int32), w.view(torch.int32))
+    assert torch.equal(packing.unpack_weight(packed, n).view(torch.int32), w.view(torch.int32))  # what PackedLinear.weight calls
+    dense = packing.pack_weight(w)
     b = torch.randn(n)
     for rows in (1, 2, 3, 4, 5, 8, 9, 17):  # the micro-kernels in registers, then widened chunks (more than 4 rows)
         x = torch.randn(rows, k)
@@ -68,18 +68,18 @@ def test_block_format_products_equal_the_dense_ones_bit_for_bit(qtype, group_byt
         close(ops.packed_linear(x, packed, n, b), F.linear(x, w, b), 1e-5)
 
 
-@pytest.mark.parametrize("qtype,group_bytes", [(Q.Q4_1, ops.Q4_GROUP_BYTES), (Q.Q8_0, ops.Q8_GROUP_BYTES)],
+@pytest.mark.parametrize("qtype,group_bytes", [(Q.Q4_1, packing.Q4_GROUP_BYTES), (Q.Q8_0, packing.Q8_GROUP_BYTES)],
                          ids=["q4_1", "q8_0"])
 @pytest.mark.parametrize("k,n", [(64, 96), (576, 962), (1536, 577)])
 def test_bfloat16_block_products_equal_the_cast_dense_ones_bit_for_bit(qtype, group_bytes, k, n):
     """Blocks laid out for bfloat16 widen to the float32 values rounded to bfloat16, as casting the matrix rounds."""
     w = _gguf_values(n, k, qtype, seed=k + n)
-    packed = ops.pack_blocks(w, torch.bfloat16)
+    packed = packing.pack_blocks(w, torch.bfloat16)
     assert packed is not None and packed.shape == ((n + 31) // 32 * 2, k // 32, group_bytes)
-    assert not torch.equal(packed, ops.pack_blocks(w))  # the q bytes are ordered for the bfloat16 pair layout
+    assert not torch.equal(packed, packing.pack_blocks(w))  # the q bytes are ordered for the bfloat16 pair layout
     cast = w.bfloat16()
-    assert torch.equal(ops.unpack_weight(packed, n, torch.bfloat16).view(torch.int16), cast.view(torch.int16))
-    dense = ops.pack_weight(cast)
+    assert torch.equal(packing.unpack_weight(packed, n, torch.bfloat16).view(torch.int16), cast.view(torch.int16))
+    dense = packing.pack_weight(cast)
     b = torch.randn(n, dtype=torch.bfloat16)
     for rows in (1, 3, 4, 5, 16, 17, 40):  # the AVX-512 micro-kernel below 5 rows, the tile unit (if any) from 5
         x = torch.randn(rows, k, dtype=torch.bfloat16)
@@ -89,21 +89,21 @@ def test_bfloat16_block_products_equal_the_cast_dense_ones_bit_for_bit(qtype, gr
 
 def test_block_formats_are_for_float32_and_bfloat16_products():
     with pytest.raises(ValueError, match="float16"):
-        ops.pack_blocks(_gguf_values(32, 64, Q.Q8_0, 0), torch.float16)
+        packing.pack_blocks(_gguf_values(32, 64, Q.Q8_0, 0), torch.float16)
 
 
 def test_matrices_that_no_block_format_holds_stay_dense():
-    assert ops.pack_blocks(torch.randn(64, 64)) is None  # any float32 values
-    assert ops.pack_blocks(_gguf_values(64, 64, Q.Q8_0, 0).bfloat16()) is None  # float32 only
-    assert ops.pack_blocks(_gguf_values(8, 64, Q.Q8_0, 0)[:, :40].contiguous()) is None  # K not a multiple of 32
+    assert packing.pack_blocks(torch.randn(64, 64)) is None  # any float32 values
+    assert packing.pack_blocks(_gguf_values(64, 64, Q.Q8_0, 0).bfloat16()) is None  # float32 only
+    assert packing.pack_blocks(_gguf_values(8, 64, Q.Q8_0, 0)[:, :40].contiguous()) is None  # K not a multiple of 32
     w = _gguf_values(64, 64, Q.Q4_1, 0)
     w[5, 7] = torch.nextafter(w[5, 7], torch.tensor(1.0))  # one weight one float32 step away
-    assert ops.pack_blocks(w) is None
+    assert packing.pack_blocks(w) is None
     zeros = _gguf_values(64, 64, Q.Q8_0, 0)
     zeros[3] = -0.0  # a group of negative zeros: the kernel's integers would make them +0.0
-    assert ops.pack_blocks(zeros) is None
+    assert packing.pack_blocks(zeros) is None
     w[5, 7] = float("nan")
-    assert ops.pack_blocks(w) is None
+    assert packing.pack_blocks(w) is None
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)

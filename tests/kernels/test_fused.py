@@ -7,10 +7,10 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from nextok.engine.engine import LLMEngine
+from nextok.engine.runner import ModelRunner
 from nextok.kernels import amx_enabled, library
-from nextok.kernels.decode import FusedDecoder
+from nextok.kernels.fused import FusedDecoder
 from nextok.models import linear
-from nextok.models.llama import LlamaForCausalLM
 from nextok.models.quantize import quantize_int8
 from nextok.models.registry import build_model
 from nextok.params import SamplingParams
@@ -51,8 +51,7 @@ def _run(model, fused: bool, monkeypatch) -> list:
         real = FusedDecoder.__call__
         monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     else:
-        monkeypatch.setattr(LlamaForCausalLM, "_fused_decoder", lambda self, kv: None)
-    model.__dict__.pop("_decoder", None)
+        monkeypatch.setattr(ModelRunner, "fused_decoder", lambda self: None)
     engine = LLMEngine(model, eos_token_ids=[2], kv_cache_memory=8 << 20, block_size=4)
     requests = [engine.add_request(p, SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=3)) for p in PROMPTS]
     requests.append(engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6, num_beams=3, ignore_eos=True)))
@@ -90,21 +89,36 @@ def test_block_format_weights_give_the_dense_results(dtype, monkeypatch):
     assert _run(blocks, True, monkeypatch) == _run(dense, True, monkeypatch)
 
 
+def _caches(dtype=torch.float32, layers=2):
+    return [(torch.zeros(4, 4, 2, 16, dtype=dtype), torch.zeros(4, 4, 2, 16, dtype=dtype)) for _ in range(layers)]
+
+
 def test_not_used_where_it_cannot_apply():
     ref, model = llama_pair(seed=3)
-    fused = model._fused_decoder  # float32 model, kernels on: applies
-    kv = [(torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)) for _ in range(2)]
-    assert fused(kv) is not None
-    mixed = [(torch.zeros(4, 4, 2, 16, dtype=torch.bfloat16),) * 2 for _ in range(2)]  # cache dtype != weights
-    assert FusedDecoder.build(model, mixed) is None
+    assert FusedDecoder.build(model.decoder_weights(), _caches()) is not None  # float32 model, kernels on: applies
+    assert FusedDecoder.build(model.decoder_weights(), _caches(torch.bfloat16)) is None  # cache dtype != weights
+    assert FusedDecoder.build(model.decoder_weights(), _caches(layers=1)) is None  # a cache per layer
     unfused = build_model(ref.config.to_dict(), ref.state_dict(), fuse=False)
-    assert FusedDecoder.build(unfused, kv) is None
+    assert unfused.decoder_weights() is None
 
 
-def test_a_new_cache_gets_a_new_decoder_even_where_some_tensors_reuse_old_addresses():
+def test_the_kernels_know_no_model():
+    """The fused step reads tensors a model describes: the same description from another model object
+    (here: the same weights built again) gives the same key."""
+    ref, model = llama_pair(seed=3)
+    weights = model.decoder_weights()
+    assert all(isinstance(t, torch.Tensor) for t in weights.tensors())
+    assert len(weights.layers) == ref.config.num_hidden_layers
+
+
+def test_a_new_cache_or_new_weights_get_a_new_decoder():
     _, model = llama_pair(seed=3)
-    first = [(torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)) for _ in range(2)]
-    decoder = model._fused_decoder(first)
-    assert model._fused_decoder(first) is decoder
-    second = [first[0], (torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16))]  # layer 0 at the same address
-    assert model._fused_decoder(second) is not decoder
+    runner = ModelRunner(model, num_blocks=4, block_size=4, kv_dtype=torch.float32)
+    decoder = runner.fused_decoder()
+    assert decoder is not None and runner.fused_decoder() is decoder
+    old = runner.kv_caches
+    runner.kv_caches = [old[0], (torch.zeros_like(old[1][0]), torch.zeros_like(old[1][1]))]  # layer 0 kept
+    assert runner.fused_decoder() is not decoder
+    decoder = runner.fused_decoder()
+    quantize_int8(model)  # weights replaced after the engine was made: the old pointers must not be read
+    assert runner.fused_decoder() is None or runner.fused_decoder() is not decoder
