@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ from nextok import kernels
 from nextok.chat import chat_prompt
 from nextok.engine.engine import LLMEngine
 from nextok.engine.sequence import Request
+from nextok.engine.streaming import releasable_end
 from nextok.models.loader import Checkpoint, load_checkpoint
 from nextok.models.quantize import quantize_int8
 from nextok.models.registry import build_model
@@ -34,9 +38,11 @@ class LLM:
     >>> llm.generate("I enjoy walking with my cute dog", SamplingParams(max_new_tokens=20))
 
     model: an HF model folder, a .gguf file, or None for $NEXTOK_MODEL / the default model.
-    dtype: "float32" (exact), "bfloat16", "float16", "int8" (weight-only) or "auto" (fastest
-    that this machine runs well). kv_cache_memory: bytes for the KV cache (default: sized from
-    free memory). compile: torch.compile the layers' element-wise stages (slower start, faster
+    dtype: "float32" (exact), "bfloat16", "float16", "int8" (weight-only) or "auto" (bfloat16 on a
+    GPU or a CPU with AMX, else float32: without AMX, bfloat16 products are nextok's slowest).
+    kv_cache_memory: bytes for the KV cache (default: sized from free memory).
+    max_num_batched_tokens: tokens one step computes at most; a longer prompt is prefilled in chunks
+    of it, mixed with the decode steps of running requests. compile: torch.compile the layers' element-wise stages (slower start, faster
     steps; Llama family) where nextok's CPU kernels do not run the model: where they do, they are
     faster, and compile=True only warns.
     """
@@ -49,7 +55,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 4096,
+        max_num_batched_tokens: int = 512,
         compile: bool = False,
     ) -> None:
         if dtype not in (*DTYPES, "auto"):
@@ -103,51 +109,60 @@ class LLM:
 
     def _run(self, texts: list[str | None], ids: list[list[int]], params_list: list[SamplingParams],
              use_tqdm: bool | None) -> list[RequestOutput]:
+        """Add the requests and step the engine until they finish. On any exception, Ctrl-C included,
+        the requests are taken out of the engine again, so the LLM works on as if they never came."""
         requests: list[Request] = []
         try:
             for text, tokens, p in zip(texts, ids, params_list):
                 requests.append(self.engine.add_request(tokens, p, prompt=text))
-        except Exception:
+            show = use_tqdm if use_tqdm is not None else len(requests) > 1 and sys.stderr.isatty()
+            with tqdm(total=len(requests), disable=not show, desc="generating", unit="req") as bar:
+                done = sum(r.is_finished for r in requests)
+                bar.update(done)
+                while not all(r.is_finished for r in requests):
+                    with _deferred_interrupt():
+                        self.engine.step()
+                    now = sum(r.is_finished for r in requests)
+                    bar.update(now - done)
+                    done = now
+        except BaseException:
             for r in requests:
-                self.engine.abort(r)
+                if not r.is_finished:
+                    self.engine.abort(r)
             raise
-        show = use_tqdm if use_tqdm is not None else len(requests) > 1 and sys.stderr.isatty()
-        with tqdm(total=len(requests), disable=not show, desc="generating", unit="req") as bar:
-            done = sum(r.is_finished for r in requests)
-            bar.update(done)
-            while self.engine.has_unfinished():
-                self.engine.step()
-                now = sum(r.is_finished for r in requests)
-                bar.update(now - done)
-                done = now
         return [self.engine.output(r) for r in requests]
 
     def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas as they are decoded (the first sample; beam search yields its best at the end)."""
+        """Yield text deltas as they are decoded (the first sample; beam search yields its best at the end).
+
+        A request that fails raises RuntimeError with its message after what it generated.
+        """
         (text,), (tokens,) = self._prompts(prompt, None)
         p = self._params(params, 1)[0]
         request = self.engine.add_request(tokens, p, prompt=text, stream=True)
         try:
-            yield from self.stream_request(request)
+            yield from self._stream_request(request)
         finally:
             if not request.is_finished:
                 self.engine.abort(request)
 
-    def stream_request(self, request: Request) -> Iterator[str]:
+    def _stream_request(self, request: Request) -> Iterator[str]:
         """Drive the engine and yield the request's new text; holds back what a stop string may still cut."""
         emitted = 0
-        holdback = max((len(s) for s in request.params.stop), default=1) - 1
         while True:
             finished = request.is_finished
             if request.beam is None and (request.seqs or request.finished_seqs):
                 seq = min(request.seqs + request.finished_seqs, key=lambda s: s.sample_index)
-                end = len(seq.text) if seq.finish_reason is not None else max(emitted, len(seq.text) - holdback)
+                end = releasable_end(seq, emitted)
                 if end > emitted:
                     yield seq.text[emitted:end]
                     emitted = end
             if finished:
                 break
-            self.engine.step()
+            with _deferred_interrupt():
+                self.engine.step()
+        if request.error is not None:
+            raise RuntimeError(f"generation failed: {request.error}")
         if request.beam is not None:
             best = self.engine.output(request).outputs
             if best:
@@ -235,17 +250,27 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _resolve_dtype(dtype: str, device: torch.device):
+    """"auto": bfloat16 on a GPU and where AMX runs nextok's bfloat16 products; float32 elsewhere."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if kernels.amx_enabled() else torch.float32
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Ctrl-C during an engine step is raised when the step is done, never halfway through its bookkeeping
+    (on the main thread, where signals arrive; elsewhere the step runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

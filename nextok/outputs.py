@@ -39,3 +39,4 @@ class RequestOutput:
     outputs: list[Completion] = field(default_factory=list)
     finished: bool = False
     error: str | None = None
+    error_type: str | None = None  # "invalid_request_error" (its parameters caused it) or "server_error"

@@ -62,13 +62,13 @@ def test_float32_weights_stay_in_the_checkpoints_blocks(default_llm):
 
 
 def test_bfloat16_weights_stay_in_the_blocks_and_int8_requantizes():
-    """bfloat16 reads the same blocks where the CPU has AMX (bit-identical to the cast matrices, see
-    tests/kernels/test_decode.py); int8 requantizes, so it builds no blocks first."""
+    """bfloat16 reads the same blocks (bit-identical to the cast matrices, see tests/kernels/test_fused.py);
+    int8 requantizes, so it builds no blocks first."""
     from nextok import LLM
-    from nextok.kernels import amx_enabled, library
+    from nextok.kernels import has
 
-    if library() is None or not amx_enabled():
-        pytest.skip("bfloat16 blocks need nextok's CPU kernels and AMX")
+    if not has("linear_bf16"):
+        pytest.skip("bfloat16 blocks need nextok's bfloat16 kernels (AVX-512 BF16)")
     model = LLM(dtype="bfloat16").model
     sizes = [m.packed.shape[-1] for m in model.modules() if getattr(m, "packed", None) is not None]
     assert sizes.count(384) == 4 * model.config.num_hidden_layers and sizes.count(576) == 1

@@ -1,28 +1,40 @@
 """LLMEngine: requests in, one scheduled forward pass per step, tokens out.
 
-Data flow of a step: scheduler picks a batch -> runner returns one logits row per sequence ->
-token selection (greedy / sampled rows batched, beam groups per request) -> sequences are
-extended, stop rules checked, finished sequences give their KV blocks back.
+Data flow of a step: scheduler picks the tokens (decodes and prompt chunks) -> runner returns one
+logits row per sequence that completes -> token selection (greedy / sampled rows batched, beam groups
+per request) -> sequences are extended, stop rules checked, finished sequences give their KV blocks
+back.
+
+Fault isolation: whatever fails while scheduling, running or selecting for one request ends that
+request alone (finish_reason "error", its message in RequestOutput.error, its blocks freed). Where a
+batched forward pass or selection fails and the culprit is unknown, it is retried request by request:
+the kernels compute every row the same way whatever else is in the batch, so the others get the
+tokens they would have got anyway.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Sequence as Seq
 
 import torch
 from torch import nn
 
+from nextok.engine.context import fit_to_context
 from nextok.engine.kv_cache import BlockManager
+from nextok.engine.results import request_output
 from nextok.engine.runner import ModelRunner
-from nextok.engine.scheduler import Scheduler
+from nextok.engine.scheduler import ScheduledBatch, Scheduler
 from nextok.engine.sequence import Request, Sequence, SequenceStatus
-from nextok.sampling.selection import SelectedTokens, select_beam_logprobs, select_tokens
-from nextok.outputs import Completion, RequestOutput
+from nextok.outputs import RequestOutput
 from nextok.params import SamplingParams
 from nextok.sampling.beam import BeamSearch
+from nextok.sampling.selection import select_beam_logprobs, select_tokens
 from nextok.sampling.stopping import check_stop, find_stop_string
+
+log = logging.getLogger("nextok.engine")
 
 
 class LLMEngine:
@@ -36,14 +48,17 @@ class LLMEngine:
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 4096,
+        max_num_batched_tokens: int = 512,
         kv_dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
+        if kv_cache_memory is not None and kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory} is invalid: give a number of bytes above 0, or None")
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = model.max_positions
+        self.vocab_size = model.config.vocab_size
         kv_dtype = kv_dtype or next(model.parameters()).dtype
         if kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             kv_dtype = torch.bfloat16
@@ -55,31 +70,28 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device)
         self._ids = itertools.count()
         self._random = random.Random()
+        self.last_step: tuple[list[Sequence], torch.Tensor] | None = None  # kept where record_logits is set
+        self.record_logits = False
 
     # ------------------------------------------------------------------ requests
-    def add_request(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prompt: str | None = None,
-        request_id: str | None = None,
-        stream: bool = False,
-    ) -> Request:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    request_id: str | None = None, stream: bool = False) -> Request:
+        """Queue a request; ValueError (naming the problem) where it can never run."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: give at least one token (a model needs a first token)")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens but the model's context holds "
-                f"{self.max_model_len}; shorten the prompt"
-            )
         if params.stop and params.num_beams > 1:
             raise ValueError("SamplingParams.stop (stop strings) is not supported with beam search; "
                              "use stop_token_ids instead")
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if max(prompt_token_ids) >= vocab or min(prompt_token_ids) < 0:
             raise ValueError(f"prompt token ids must lie in [0, {vocab}); got {min(prompt_token_ids)}..{max(prompt_token_ids)}")
+        too_big = sorted({t for w in params.bad_words_ids or [] for t in w if t >= vocab})
+        if too_big:
+            raise ValueError(f"SamplingParams.bad_words_ids holds ids {too_big[:5]} outside the model vocabulary of "
+                             f"size {vocab}: use ids below {vocab}.")
+        params = fit_to_context(params, len(prompt_token_ids), self.max_model_len)
         eos = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        total = min(len(prompt_token_ids) + params.max_new_tokens, self.max_model_len)
+        total = len(prompt_token_ids) + params.max_new_tokens
         worst_case = max(params.num_beams, params.num_return_sequences) * self.blocks.blocks_for(total)
         if worst_case > self.blocks.num_blocks:
             raise ValueError(
@@ -99,8 +111,7 @@ class LLMEngine:
             request.beam = BeamSearch(params, num_eos=len(eos))
         request.seqs.append(self._new_sequence(request, list(prompt_token_ids), 0))
         if params.max_new_tokens == 0:
-            request.seqs[0].finish_reason = "length"
-            request.finished_seqs, request.seqs = request.seqs, []
+            self._finish(request.seqs[0], "length")
             return request
         self.scheduler.add(request)
         return request
@@ -116,43 +127,125 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[Request]:
-        """Run one forward pass; returns the requests that gained tokens or finished."""
+        """Run one forward pass; returns the requests that gained tokens, finished or failed."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.runner.run(batch)  # (B, V)
-        by_request: dict[int, list[int]] = {}
-        for row, seq in enumerate(batch.seqs):
-            by_request.setdefault(id(seq.request), []).append(row)
-        touched = [batch.seqs[rows[0]].request for rows in by_request.values()]
+        touched: dict[int, Request] = {}
+        for request, error in batch.failed:
+            self.fail(request, error)
+            touched[id(request)] = request
+        if batch.seqs:
+            try:
+                self._step(batch, touched)
+            except BaseException as e:  # Ctrl-C mid-step: end the step's requests cleanly, then let it through
+                for request in {id(s.request): s.request for s in batch.seqs}.values():
+                    if not request.is_finished:
+                        self.fail(request, e if isinstance(e, Exception) else RuntimeError("interrupted"))
+                raise
+        return list(touched.values())
 
-        simple_rows, simple_seqs = [], []
-        for request in touched:
-            rows = by_request[id(request)]
+    def _step(self, batch: ScheduledBatch, touched: dict[int, Request]) -> None:
+        rows = self._forward(batch)  # request -> logits of its sequences that complete, in sequence order
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.request.error is None:
+                seq.num_computed_tokens += n
+                touched[id(seq.request)] = seq.request
+        ready = [r for r in touched.values() if id(r) in rows and r.error is None]
+        simple = [r for r in ready if r.beam is None]
+        for request in ready:
             if request.beam is not None:
-                self._beam_step(request, logits[rows])
-                continue
-            if not request.expanded:  # fan the prompt out into its samples; they share its blocks
-                request.expanded = True
-                parent = request.seqs[0]
-                for i in range(1, request.num_samples):
-                    child = self._new_sequence(request, list(parent.token_ids), i)
-                    child.block_table = self.blocks.fork(parent.block_table)
-                    child.status = SequenceStatus.RUNNING
-                    request.seqs.append(child)
-                rows = rows * request.num_samples
-            simple_rows += rows
-            simple_seqs += request.seqs
-        if simple_seqs:
-            same_rows = simple_rows == list(range(logits.shape[0]))
-            rows = logits if same_rows else logits[torch.tensor(simple_rows)]  # (len(simple_seqs), V)
-            self._append(simple_seqs, select_tokens(simple_seqs, rows))
-        for request in touched:
+                self._guarded(request, self._beam_step, request, rows[id(request)])
+        self._select(simple, rows)
+        for request in touched.values():
             if request.is_finished:
                 self.scheduler.finish_request(request)
-        return touched
 
-    def _append(self, seqs: list[Sequence], selected: SelectedTokens) -> None:
+    def _forward(self, batch: ScheduledBatch) -> dict[int, torch.Tensor]:
+        """Logits rows per request; a failed pass is retried request by request to find the culprit."""
+        self.runner.copy_blocks(batch.block_copies)
+        requests = list({id(s.request): s.request for s in batch.seqs}.values())
+        try:
+            return self._rows(batch, self.runner.run(batch))
+        except Exception as e:
+            if len(requests) == 1:
+                self.fail(requests[0], e)
+                return {}
+        rows: dict[int, torch.Tensor] = {}
+        for request in requests:
+            part = ScheduledBatch()
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                if seq.request is request:
+                    part.add(seq, n)
+            try:
+                rows.update(self._rows(part, self.runner.run(part)))
+            except Exception as e:
+                self.fail(request, e)
+        return rows
+
+    def _rows(self, batch: ScheduledBatch, logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.record_logits:
+            self.last_step = ([s for i, s in enumerate(batch.seqs) if batch.completes(i)], logits)
+        by_request: dict[int, list[int]] = {}
+        row = 0
+        for i, seq in enumerate(batch.seqs):
+            if batch.completes(i):
+                by_request.setdefault(id(seq.request), []).append(row)
+                row += 1
+        if len(by_request) == 1:
+            return {key: logits for key in by_request}
+        return {key: logits[torch.tensor(index, device=logits.device)] for key, index in by_request.items()}
+
+    def _select(self, requests: list[Request], rows: dict[int, torch.Tensor]) -> None:
+        """Greedy and sampled requests: one batched selection; where it fails, one request at a time."""
+        if not requests:
+            return
+        for request in requests:
+            if not request.expanded:  # fan the prompt out into its samples; they share its blocks
+                self._guarded(request, self._expand, request)
+        requests = [r for r in requests if r.error is None]
+        try:
+            seqs, logits = self._gather(requests, rows)
+            selected = select_tokens(seqs, logits)
+        except Exception:
+            for request in requests:
+                self._guarded(request, self._select_one, request, rows)
+            return
+        start = 0
+        for request in requests:
+            n = len(request.seqs)
+            part = selected.slice(start, start + n)
+            start += n
+            self._guarded(request, self._append, list(request.seqs), part)
+
+    def _select_one(self, request: Request, rows: dict[int, torch.Tensor]) -> None:
+        seqs, logits = self._gather([request], rows)
+        self._append(seqs, select_tokens(seqs, logits))
+
+    def _gather(self, requests: list[Request], rows: dict[int, torch.Tensor]) -> tuple[list[Sequence], torch.Tensor]:
+        seqs = [s for r in requests for s in r.seqs]
+        parts = [rows[id(r)].expand(len(r.seqs), -1) if rows[id(r)].shape[0] != len(r.seqs) else rows[id(r)]
+                 for r in requests]  # a prompt's one row serves all its freshly fanned-out samples
+        return seqs, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _expand(self, request: Request) -> None:
+        request.expanded = True
+        parent = request.seqs[0]
+        for i in range(1, request.num_samples):
+            child = self._new_sequence(request, list(parent.token_ids), i)
+            request.seqs.append(child)  # attached before its blocks are shared, so a failure frees them
+            child.block_table = self.blocks.fork(parent.block_table)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SequenceStatus.RUNNING
+
+    def _guarded(self, request: Request, fn, *args) -> None:
+        """fn(*args) for one request; whatever it raises ends that request alone."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self.fail(request, e)
+
+    def _append(self, seqs: list[Sequence], selected) -> None:
         for i, seq in enumerate(seqs):
             token = selected.tokens[i]
             seq.token_ids.append(token)
@@ -181,20 +274,33 @@ class LLMEngine:
         request.seqs.remove(seq)
         request.finished_seqs.append(seq)
 
+    def fail(self, request: Request, error: Exception) -> None:
+        """End one request with an error: finish_reason "error", its blocks freed; the others go on."""
+        if request.error is not None:
+            return
+        internal = not isinstance(error, ValueError)
+        if internal:
+            log.warning("request %s failed alone", request.request_id, exc_info=error)
+        request.error = str(error) if not internal else f"{type(error).__name__}: {error}"
+        request.error_type = "server_error" if internal else "invalid_request_error"
+        for seq in list(request.seqs):
+            self._finish(seq, "error")
+        self.scheduler.finish_request(request)
+
     def _beam_step(self, request: Request, logits: torch.Tensor) -> None:
         beam = request.beam
         live = request.seqs
         logprobs = select_beam_logprobs(live, logits, len(request.eos_token_ids))
         candidates = beam.step(logprobs, [s.output_token_ids for s in live], request.eos_token_ids, request.seed)
         request.expanded = True
-        new_seqs = []
-        for c in candidates:
+        new_seqs = [self._new_sequence(request, live[c.parent].token_ids + [c.token], c.parent) for c in candidates]
+        request.seqs = live + new_seqs  # attached before their blocks are shared, so a failure frees them
+        for c, child in zip(candidates, new_seqs):
             parent = live[c.parent]
-            child = self._new_sequence(request, parent.token_ids + [c.token], c.parent)
             child.block_table = self.blocks.fork(parent.block_table)
+            child.num_computed_tokens = parent.num_computed_tokens
             child.status = SequenceStatus.RUNNING
             child.cumulative_logprob = c.score
-            new_seqs.append(child)
         for seq in live:
             self.scheduler.free_sequence(seq)
         request.seqs = new_seqs
@@ -210,27 +316,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ results
     def output(self, request: Request) -> RequestOutput:
         """The request's completions so far; best first for beam search, in sample order otherwise."""
-        completions = []
-        if request.beam is not None:
-            if request.beam.done:
-                for i, (tokens, score) in enumerate(request.beam.results()):
-                    completions.append(self._completion(i, tokens, "stop" if tokens and tokens[-1] in
-                                                        request.eos_token_ids else "length", score, None, None))
-        else:
-            seqs = sorted(request.finished_seqs + request.seqs, key=lambda s: s.sample_index)
-            for s in seqs:
-                text = s.text if s.detokenizer is not None else None
-                completions.append(self._completion(s.sample_index, s.output_token_ids, s.finish_reason,
-                                                    s.cumulative_logprob, s.logprobs, text))
-        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
-                             prompt_token_ids=request.prompt_token_ids, outputs=completions,
-                             finished=request.is_finished)
-
-    def _completion(self, index, tokens, reason, score, logprobs, text) -> Completion:
-        if text is None:
-            text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
-        return Completion(index=index, text=text, token_ids=list(tokens), finish_reason=reason, score=score,
-                          logprobs=logprobs)
+        return request_output(request, self.tokenizer)
 
 
 def default_kv_cache_memory() -> int:

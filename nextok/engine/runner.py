@@ -1,4 +1,5 @@
-"""Runs the model on a scheduled batch: owns the KV storage, builds the batch tensors."""
+"""Runs the model on a scheduled batch: owns the KV storage, builds the batch tensors, and decides how a
+step runs (the fused kernel step where it applies, else the model's per-op forward)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from nextok.models.attention import AttentionMetadata, LayerKV
 
 
 class ModelRunner:
-    """Turns a ScheduledBatch into one forward pass and returns next-token logits, one row per sequence."""
+    """Turns a ScheduledBatch into one forward pass and returns the next-token logits of the sequences
+    that complete this step (`ScheduledBatch.completes`), in batch order."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
@@ -31,25 +33,29 @@ class ModelRunner:
         return 2 * layers * block_size * n_kv * head_dim * torch.finfo(kv_dtype).bits // 8
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:  # (B, V) float32
-        if batch.block_copies:
-            self._copy_blocks(batch.block_copies)
-        input_ids, positions, meta, last_rows = (
-            self._prepare_prefill(batch) if batch.is_prefill else self._prepare_decode(batch)
-        )
-        fused = None if batch.is_prefill else self.fused_decoder()
-        if fused is not None and fused.accepts_rows(len(batch.seqs)):
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy on write: each (source, destination) block, every layer's keys and values."""
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            self.kv_storage[:, :, dst] = self.kv_storage[:, :, src]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:  # (sequences completing, V) float32
+        input_ids, positions, meta, logit_rows = self._prepare(batch)
+        fused = self.fused_decoder()
+        if fused is not None and not torch.compiler.is_compiling():
             x, cos, sin = self.model.embed(input_ids, positions)
-            hidden = fused(x, cos, sin, meta.slot_mapping, meta.block_tables, meta.context_lens)  # (B, hidden)
+            hidden = fused(x, cos, sin, meta.slot_mapping, meta.block_tables, meta.query_start, meta.context_lens)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
-        if last_rows is not None:
-            hidden = hidden[last_rows]  # (B, hidden)
+        if len(logit_rows) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(logit_rows, device=hidden.device)]  # (R, hidden)
         return self.model.compute_logits(hidden)
 
     def fused_decoder(self) -> FusedDecoder | None:
-        """The one-call decode step for this model and cache where the kernels run it (rebuilt when any
-        tensor it reads changed: a model moved or requantized after the engine was made)."""
+        """The one-call step for this model and cache where the kernels run it (rebuilt when any tensor
+        it reads changed: a model moved or requantized after the engine was made)."""
         describe = getattr(self.model, "decoder_weights", None)
         weights = describe() if describe is not None else None
         if weights is None:
@@ -58,44 +64,23 @@ class ModelRunner:
             self._fused = FusedDecoder.build(weights, self.kv_caches)
         return self._fused
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        self.kv_storage[:, :, dst] = self.kv_storage[:, :, src]
-
-    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def _prepare_prefill(self, batch: ScheduledBatch):
+    def _prepare(self, batch: ScheduledBatch):
+        """The packed tokens of the step, their positions, the attention metadata (slots included), and
+        the rows whose logits are wanted."""
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        lens: list[int] = []
-        for seq in batch.seqs:
-            n = len(seq.token_ids)
-            ids += seq.token_ids
-            positions += range(n)
-            slots += self._slots(seq.block_table, 0, n)
-            lens.append(n)
-        last_rows = torch.tensor(lens).cumsum(0) - 1
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), prefill_lens=lens)
-        return self._tensor(ids), self._tensor(positions), meta, last_rows.to(self.device)
-
-    def _prepare_decode(self, batch: ScheduledBatch):
-        seqs = batch.seqs
-        bs = self.block_size
-        ids = [s.token_ids[-1] for s in seqs]
-        positions = [len(s.token_ids) - 1 for s in seqs]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(tables),
-            context_lens=self._tensor([p + 1 for p in positions]),
-        )
-        return self._tensor(ids), self._tensor(positions), meta, None
+        context_lens: list[int] = []
+        logit_rows: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            context_lens.append(start + n)
+            if batch.completes(i):
+                logit_rows.append(len(ids) - 1)
+        meta = AttentionMetadata.paged([s.block_table for s in batch.seqs], batch.num_new_tokens, context_lens,
+                                       self.block_size, self.device)
+        return self._tensor(ids), self._tensor(positions), meta, logit_rows
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -17,8 +17,8 @@ _seq_ids = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"  # needs a prefill (new, or preempted and to be recomputed)
-    RUNNING = "running"
+    WAITING = "waiting"  # holds no KV blocks: new, or preempted and to be recomputed
+    RUNNING = "running"  # holds the blocks of all its tokens; computes them in chunks, then one a step
     FINISHED = "finished"
 
 
@@ -26,14 +26,16 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """One line of generated tokens with its KV blocks.
 
-    token_ids holds the prompt and everything generated; the KV of all but the last token is
-    in the cache while the sequence runs (the last one is the next step's input).
+    token_ids holds the prompt and everything generated; the KV of its first num_computed_tokens
+    tokens is in the cache. A running sequence computes the rest in chunks (a prompt's prefill, or a
+    recompute after preemption) and then one token a step: the last one, whose logits choose the next.
     """
 
     request: Request
     token_ids: list[int]
     sample_index: int = 0  # which of the request's samples: its random stream
     block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     cumulative_logprob: float = 0.0
@@ -72,13 +74,14 @@ class Request:
     params: SamplingParams
     eos_token_ids: frozenset[int]  # ids that end a sequence: the model's EOS and stop_token_ids
     seed: int
-    arrival: int = 0
     stream: bool = False
     seqs: list[Sequence] = field(default_factory=list)  # live (not finished) sequences
     finished_seqs: list[Sequence] = field(default_factory=list)
     beam: BeamSearch | None = None
     expanded: bool = False  # whether the first step has fanned the prompt out into its samples / beams
     cancelled: bool = False
+    error: str | None = None  # why the request failed alone (its sequences then end with "error")
+    error_type: str | None = None  # "invalid_request_error" (its parameters caused it) or "server_error"
 
     @property
     def num_samples(self) -> int:
@@ -87,3 +90,8 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return not self.seqs
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Some live sequence still has tokens to compute before the next one can be chosen."""
+        return any(s.num_computed_tokens < len(s) - 1 for s in self.seqs)

@@ -1,9 +1,10 @@
 """trace_request: run one request through the real engine and record every step.
 
-The request runs on a private `LLMEngine` over the given engine's model (its own small KV cache), whose
-runner hands back each step's logits. After each step the recorder describes what that step saw,
-with the engine's own processors and the state before the step; the chosen tokens, beams and
-hypotheses are read from the engine, so the trace's tokens are exactly what `generate` gives.
+The request runs on a private `LLMEngine` over the given engine's model (its own small KV cache),
+which keeps each step's logits (`record_logits`). After each step the recorder describes what that
+step saw, with the engine's own processors and the state before the step; the chosen tokens, the
+beam search's own ranking (`BeamSearch.last_ranking`) and the hypotheses are read from the engine,
+so the trace's tokens are exactly what `generate` gives.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch
 
 from nextok.engine.engine import LLMEngine
 from nextok.engine.runner import ModelRunner
-from nextok.engine.scheduler import ScheduledBatch
 from nextok.engine.sequence import Request, Sequence
 from nextok.explain.stages import order_stage, row_views, stage_names, stage_scores
 from nextok.explain.trace import (
@@ -28,26 +28,24 @@ from nextok.explain.trace import (
 )
 from nextok.params import SamplingParams
 from nextok.sampling.beam import _NEG
-from nextok.sampling.sampler import sample_without_replacement
-from nextok.sampling.selection import row_batch, select_beam_logprobs
+from nextok.sampling.selection import row_batch
 
 
-class _RecordingRunner:
-    """The engine's ModelRunner, keeping the last step's sequences and logits."""
+class _StepLogits:
+    """The logits of the last engine step, by sequence."""
 
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
-        self.seqs: list[Sequence] = []
-        self.logits: torch.Tensor | None = None
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        engine.record_logits = True
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        self.logits = self.runner.run(batch)  # (B, V)
-        self.seqs = list(batch.seqs)
-        return self.logits
+    @property
+    def seqs(self) -> list[Sequence]:
+        return self.engine.last_step[0] if self.engine.last_step else []
 
     def rows(self, seqs: list[Sequence]) -> torch.Tensor:
-        position = {id(s): i for i, s in enumerate(self.seqs)}
-        return self.logits[torch.tensor([position[id(s)] for s in seqs], device=self.logits.device)]  # (len(seqs), V)
+        stepped, logits = self.engine.last_step
+        position = {id(s): i for i, s in enumerate(stepped)}
+        return logits[torch.tensor([position[id(s)] for s in seqs], device=logits.device)]  # (len(seqs), V)
 
 
 def trace_request(
@@ -56,8 +54,7 @@ def trace_request(
     """Generate for one prompt on the engine's model, recording `top` candidates per step."""
     tokenizer = engine.tokenizer
     engine = _private_engine(engine, len(prompt_token_ids), params)
-    recorder = _RecordingRunner(engine.runner)
-    engine.runner = recorder
+    recorder = _StepLogits(engine)
     request = engine.add_request(prompt_token_ids, params, prompt=prompt)
     sampling = params.do_sample
     strategy = ("beam sampling" if sampling else "beam search") if params.is_beam_search else (
@@ -68,11 +65,12 @@ def trace_request(
     steps = _BeamSteps(request, names, top) if request.beam is not None else _TokenSteps(request, names, top)
     while not request.is_finished:
         before = steps.before_step()
-        recorder.logits = None
+        engine.last_step = None
         engine.step()
-        if recorder.logits is None:
-            raise RuntimeError("explain: the engine made no progress on the traced request")
-        steps.after_step(recorder, before)
+        if request.error is not None:
+            raise RuntimeError(f"explain: generation failed: {request.error}")
+        if engine.last_step is not None:  # a step that only prefilled part of the prompt chose nothing
+            steps.after_step(recorder, before)
     trace.outputs = engine.output(request).outputs
     steps.fill(trace)
     trace.vocab = _vocab(tokenizer, trace)
@@ -119,7 +117,7 @@ class _TokenSteps:
     def before_step(self) -> None:
         return None
 
-    def after_step(self, recorder: _RecordingRunner, before: None) -> None:
+    def after_step(self, recorder: _StepLogits, before: None) -> None:
         request = self.request
         seqs = sorted(request.seqs + request.finished_seqs, key=lambda s: s.sample_index)
         fresh = [s for s in seqs if s.num_output_tokens == len(self.samples[s.sample_index].steps) + 1]
@@ -145,11 +143,8 @@ class _TokenSteps:
 
 # ---------------------------------------------------------------------- beam search
 class _BeamSteps:
-    """Beam search: every live beam's candidates, which the search kept, finished or pruned.
-
-    The ranking is recomputed with BeamSearch's own operations from the state before the step and
-    checked against the beams the engine actually continued.
-    """
+    """Beam search: every live beam's candidates, which the search kept, finished or pruned, as the
+    engine's BeamSearch ranked them (its `last_ranking`)."""
 
     def __init__(self, request: Request, names: list[str], top: int) -> None:
         self.request = request
@@ -161,27 +156,27 @@ class _BeamSteps:
 
     def before_step(self) -> dict:
         beam = self.request.beam
-        return {"live": list(self.request.seqs), "scores": beam.running_scores.clone(),
-                "num_generated": beam.num_generated, "finished": list(beam.finished_tokens)}
+        return {"live": list(self.request.seqs), "num_generated": beam.num_generated,
+                "finished": list(beam.finished_tokens)}
 
-    def after_step(self, recorder: _RecordingRunner, before: dict) -> None:
+    def after_step(self, recorder: _StepLogits, before: dict) -> None:
         request, beam = self.request, self.request.beam
         params, nb = request.params, beam.num_beams
         live: list[Sequence] = before["live"]
         t = before["num_generated"]
+        if beam.num_generated == t:  # the beams did not step (a chunk of the prompt)
+            return
+        ranking = beam.last_ranking
         logits = recorder.rows(live)  # (n_live, V)
         num_eos = len(request.eos_token_ids)
-        logprobs = select_beam_logprobs(live, logits, num_eos)  # (n_live, V): what the engine scored
-        running = before["scores"].to(logprobs.device)  # (nb,)
-        accumulated = logprobs + running[: len(live), None]  # (n_live, V); the first step has one live beam
-        parents, tokens, hits, next_idx = self._rank(logprobs, running, t)
+        logprobs = ranking.logprobs  # (n_live, V): what the search ranked
+        accumulated = logprobs + ranking.running_scores[: len(live), None].to(logprobs.device)  # (n_live, V)
         status = {}  # (parent, token) -> (rank, status, child)
-        for rank, (p, tok, hit) in enumerate(zip(parents, tokens, hits)):
-            status[(p, tok)] = (rank, "finished" if hit and rank < nb else "pruned", None)
+        for rank, (p, tok, end) in enumerate(zip(ranking.parents, ranking.tokens, ranking.ends)):
+            status[(p, tok)] = (rank, "finished" if end and rank < nb else "pruned", None)
         if not beam.done:
-            for child, rank in enumerate(next_idx):
-                status[(parents[rank], tokens[rank])] = (rank, "kept", child)
-            self._check(request.seqs, [(parents[r], tokens[r]) for r in next_idx], t)
+            for child, rank in enumerate(ranking.kept):
+                status[(ranking.parents[rank], ranking.tokens[rank])] = (rank, "kept", child)
 
         stages = stage_scores(row_batch(live), torch.log_softmax(logits, dim=-1), params.do_sample,
                               [num_eos + 1 if num_eos else 2] * len(live))
@@ -199,35 +194,10 @@ class _BeamSteps:
                 candidates.append(BeamCandidate(token=tok, probs=probs, logprob=lp, score=score, rank=rank,
                                                 status=state, child=child))
             nodes.append(BeamNode(parent=seq.sample_index if t > 0 else -1, token=seq.token_ids[-1] if t > 0 else None,
-                                  score=float(before["scores"][b]), candidates=candidates, rest=view.rest,
+                                  score=float(ranking.running_scores[b]), candidates=candidates, rest=view.rest,
                                   kept=view.kept))
         self.trace.steps.append(BeamStep(beams=nodes))
         self._record_hypotheses(before["finished"], live, t, status)
-
-    def _rank(self, logprobs: torch.Tensor, running: torch.Tensor, t: int):
-        """BeamSearch.step's ranking on the same tensors: the beams_to_keep best (parent, token)
-        pairs over all beams, whether each ends, and which become the next running beams."""
-        request, beam = self.request, self.request.beam
-        nb, vocab = beam.num_beams, logprobs.shape[-1]
-        full = logprobs if logprobs.shape[0] == nb else logprobs[:1].expand(nb, vocab)
-        flat = (full + running[:, None]).reshape(1, -1)  # (1, nb * V)
-        if request.params.do_sample:
-            seeds, counters = torch.tensor([request.seed]), torch.tensor([t])
-            top_idx = sample_without_replacement(flat, beam.beams_to_keep, seeds, counters)[0]  # (K,)
-            top_lp = flat[0, top_idx]
-        else:
-            top_lp, top_idx = torch.topk(flat[0], k=beam.beams_to_keep)  # (K,)
-        parents, tokens = (top_idx // vocab).tolist(), (top_idx % vocab).tolist()
-        max_reached = t + 1 >= request.params.max_new_tokens
-        hits = [max_reached or tok in request.eos_token_ids for tok in tokens]
-        not_ended = top_lp + torch.tensor(hits, dtype=top_lp.dtype, device=top_lp.device) * _NEG  # (K,)
-        return parents, tokens, hits, torch.topk(not_ended, k=nb).indices.tolist()
-
-    def _check(self, next_seqs: list[Sequence], expected: list[tuple[int, int]], t: int) -> None:
-        actual = [(s.sample_index, s.token_ids[-1]) for s in next_seqs]
-        if actual != expected:
-            raise RuntimeError(f"explain: the recorded beams differ from the engine's at step {t}: "
-                               f"{expected} != {actual}")
 
     def _record_hypotheses(self, finished_before: list, live: list[Sequence], t: int, status: dict) -> None:
         beam = self.request.beam

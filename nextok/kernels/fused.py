@@ -1,4 +1,5 @@
-"""A whole decode step of a Llama-family model in one kernel call (`decode_layers`, csrc/decode.c).
+"""A whole step of a Llama-family model in one kernel call (`forward_layers`, csrc/forward.c): the
+new tokens of a batch, one per decoding sequence and chunks of prompts being prefilled, mixed.
 
 The per-op path calls about ten kernels per layer from Python; at batch 1 the calls cost as much
 as a third of the step. `FusedDecoder` hands the kernel every layer's weights once (pointers in
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nextok.kernels import call, has
-from nextok.kernels.ops import MAX_HEAD_DIM, _check_tables, _ptr
+from nextok.kernels.ops import MAX_HEAD_DIM, _ptr, check_attention_inputs
 from nextok.kernels.packing import block_format
 
 
@@ -31,7 +32,6 @@ class LinearWeights:
     out_features: int
     dtype: torch.dtype  # the activations' dtype
     scale: torch.Tensor | None = None  # int8 weights: one float32 scale per output
-    max_rows: int | None = None  # the most rows the kernel serves for this layer (None: any)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.packed, self.bias, self.scale) if t is not None]
@@ -91,15 +91,12 @@ def fused_key(weights: DecoderWeights, kv_caches: list[tuple[torch.Tensor, torch
 
 
 class FusedDecoder:
-    """Runs decode steps of the described decoder over its paged KV cache, one kernel call each."""
+    """Runs steps of the described decoder over its paged KV cache, one kernel call each."""
 
     def __init__(self, weights: DecoderWeights, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  dtype: torch.dtype) -> None:
         self.weights, self.dtype = weights, dtype
         self.key = fused_key(weights, kv_caches)
-        limits = [lin.max_rows for layer in weights.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                  if lin.max_rows is not None]
-        self.max_rows = min(limits) if limits else None
         self.layers = (_Layer * len(weights.layers))(*(
             _Layer(layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), _linear(layer.qkv), _linear(layer.o),
                    _linear(layer.gate_up), _linear(layer.down), k.data_ptr(), v.data_ptr())
@@ -109,7 +106,7 @@ class FusedDecoder:
     @staticmethod
     def build(weights: DecoderWeights | None, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> FusedDecoder | None:
         """A decoder for these weights and caches, or None where the kernel does not apply."""
-        if weights is None or not has("decode_layers") or len(kv_caches) != len(weights.layers):
+        if weights is None or not has("forward_layers") or len(kv_caches) != len(weights.layers):
             return None
         if weights.head_dim > MAX_HEAD_DIM or weights.head_dim % 2:
             return None
@@ -127,30 +124,31 @@ class FusedDecoder:
             return None
         return FusedDecoder(weights, kv_caches, dtype)
 
-    def accepts_rows(self, rows: int) -> bool:
-        return (self.max_rows is None or rows <= self.max_rows) and not torch.compiler.is_compiling()
-
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """x: (B, hidden) token embeddings; returns the final normalised hidden states (B, hidden)."""
+                 block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """x: (N, hidden) token embeddings; returns the final normalised hidden states (N, hidden).
+
+        Sequence b's tokens are rows query_start[b] .. query_start[b + 1] and its last positions of
+        context_lens[b]; slots: each token's flat KV-cache slot.
+        """
         w = self.weights
         if x.dtype != self.dtype:
             raise ValueError(f"FusedDecoder: activations of {x.dtype} for a {self.dtype} decoder")
         x = x.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
-        batch = x.shape[0]
-        if not (x.shape == (batch, w.hidden) and cos.shape == sin.shape == (batch, w.head_dim)
-                and slots.shape == context_lens.shape == (batch,) and block_tables.shape[0] == batch
+        n, batch = x.shape[0], context_lens.shape[0]
+        if not (x.shape == (n, w.hidden) and cos.shape == sin.shape == (n, w.head_dim) and slots.shape == (n,)
+                and block_tables.shape[0] == batch and query_start.shape == (batch + 1,) and batch >= 1
                 and cos.dtype == sin.dtype == torch.float32
-                and slots.dtype == block_tables.dtype == context_lens.dtype == torch.int64
-                and block_tables.is_contiguous() and slots.is_contiguous() and context_lens.is_contiguous()):
+                and slots.dtype == block_tables.dtype == context_lens.dtype == query_start.dtype == torch.int64
+                and all(t.is_contiguous() for t in (block_tables, slots, context_lens, query_start))):
             raise ValueError("FusedDecoder: the step's tensors do not fit the decoder")
-        _check_tables(block_tables, context_lens, self.k_cache)
+        check_attention_inputs(block_tables, query_start, context_lens, self.k_cache, n)
         capacity = self.k_cache.shape[0] * self.k_cache.shape[1]
-        if batch and not (0 <= int(slots.min()) and int(slots.max()) < capacity):
+        if n and not (0 <= int(slots.min()) and int(slots.max()) < capacity):
             raise ValueError("FusedDecoder: a slot lies outside the KV cache")
-        call("decode_layers", self.layers, len(self.layers), w.final_norm.data_ptr(), x.data_ptr(), cos.data_ptr(),
-             sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
-             batch, w.hidden, w.inner, w.n_head, w.n_kv, w.head_dim, self.k_cache.shape[1], w.eps, w.scale,
-             int(self.dtype == torch.bfloat16), torch.get_num_threads())
+        call("forward_layers", self.layers, len(self.layers), w.final_norm.data_ptr(), x.data_ptr(), cos.data_ptr(),
+             sin.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], query_start.data_ptr(),
+             context_lens.data_ptr(), n, batch, w.hidden, w.inner, w.n_head, w.n_kv, w.head_dim,
+             self.k_cache.shape[1], w.eps, w.scale, int(self.dtype == torch.bfloat16), torch.get_num_threads())
         return x

@@ -154,36 +154,43 @@ def _rotate_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot
     return torch.cat([x * cos + rotated * sin, qkv[:, n_rotated:]], dim=1)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Attention of one query per sequence over its paged cache, or None where no kernel applies.
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    query_start: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """The new tokens' attention over their sequences' paged caches, or None where no kernel applies.
 
-    q: (B, H, D), rows may be strided (a view into the fused qkv); caches (blocks, block_size, Hkv, D).
+    q: (N, H, D), rows may be strided (a view into the fused qkv); caches (blocks, block_size, Hkv, D);
+    sequence b's tokens are q[query_start[b]:query_start[b + 1]], its last positions of context_lens[b].
+    Their keys and values must be in the cache already. Returns (N, H * D).
     """
-    batch, n_head, dim = q.shape
-    name = f"decode_attention_{_SUFFIX.get(q.dtype, '?')}"
-    n_kv = k_cache.shape[2]
-    if (not _usable(name, k_cache, v_cache, block_tables, context_lens) or q.device.type != "cpu"
+    n_tokens, n_head, dim = q.shape
+    name = f"paged_attention_{_SUFFIX.get(q.dtype, '?')}"
+    n_kv, batch = k_cache.shape[2], context_lens.shape[0]
+    if (not _usable(name, k_cache, v_cache, block_tables, query_start, context_lens) or q.device.type != "cpu"
             or q.dtype != k_cache.dtype or v_cache.dtype != q.dtype or dim > MAX_HEAD_DIM or q.stride(2) != 1
             or q.stride(1) != dim or block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64
-            or k_cache.shape[-1] != dim or n_head % n_kv or block_tables.shape[0] != batch
-            or context_lens.shape != (batch,)):
+            or query_start.dtype != torch.int64 or k_cache.shape[-1] != dim or k_cache.shape != v_cache.shape
+            or n_head % n_kv or block_tables.shape[0] != batch or query_start.shape != (batch + 1,)):
         return None
-    _check_tables(block_tables, context_lens, k_cache)
-    out = torch.empty(batch, n_head * dim, dtype=q.dtype)
+    check_attention_inputs(block_tables, query_start, context_lens, k_cache, n_tokens)
+    out = torch.empty(n_tokens, n_head * dim, dtype=q.dtype)
     call(name, q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-         block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), batch, n_head, n_kv, dim, k_cache.shape[1],
-         scale, torch.get_num_threads())
+         block_tables.shape[1], query_start.data_ptr(), context_lens.data_ptr(), out.data_ptr(), batch, n_head, n_kv,
+         dim, k_cache.shape[1], scale, torch.get_num_threads())
     return out
 
 
-def _check_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
-    """Every context fits its row of the block table, and every block it reads lies in the cache."""
-    if block_tables.numel() == 0:
+def check_attention_inputs(block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
+                           k_cache: torch.Tensor, n_tokens: int) -> None:
+    """Queries, contexts and block tables describe reads inside the cache (else ValueError, not a bad read)."""
+    _require(query_start.numel() >= 1 and int(query_start[0]) == 0 and int(query_start[-1]) == n_tokens,
+             "attention: query_start must run from 0 to the number of tokens")
+    if context_lens.numel() == 0:
         return
-    block_size = k_cache.shape[1]
-    _require(bool((context_lens >= 1).all()) and int(context_lens.max()) <= block_tables.shape[1] * block_size,
-             "attention: a context is empty or longer than its block table")
+    query_lens = query_start[1:] - query_start[:-1]
+    _require(bool((query_lens >= 1).all()) and bool((context_lens >= query_lens).all()),
+             "attention: every sequence needs 1 to context_len new tokens")
+    _require(int(context_lens.max()) <= block_tables.shape[1] * k_cache.shape[1],
+             "attention: a context is longer than its block table")
     _require(0 <= int(block_tables.min()) and int(block_tables.max()) < k_cache.shape[0],
              "attention: a block table names a block outside the KV cache")
 

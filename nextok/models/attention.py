@@ -21,30 +21,51 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each (num_blo
 class AttentionMetadata:
     """How the N packed tokens of one forward pass map onto sequences and KV-cache slots.
 
-    Prefill: the tokens are the whole contexts of several sequences, packed one after another
-    (`prefill_lens` gives each length); attention is causal within each sequence.
-    Decode: one new token per sequence; it attends to its sequence's cached context, read through
-    `block_tables` (B, max_blocks) up to `context_lens` (B,) tokens (the new token included).
+    Each of B sequences contributes its newest tokens: one when decoding, a chunk of its prompt when
+    prefilling (both may mix in one pass). Sequence b's tokens are rows query_start[b] ..
+    query_start[b + 1] and its last positions of context_lens[b]; the token at position p attends to
+    positions 0..p of its sequence, read from the cache through block_tables (B, max_blocks).
+    Without block tables (`single_sequence`), the tokens are one whole sequence and no cache is used.
     """
 
     slot_mapping: torch.Tensor | None  # (N,) flat cache slot (block * block_size + offset) per token
-    prefill_lens: list[int] | None = None
-    block_tables: torch.Tensor | None = None  # (B, max_blocks) int64
+    query_start: torch.Tensor | None = None  # (B + 1,) int64
     context_lens: torch.Tensor | None = None  # (B,) int64
+    block_tables: torch.Tensor | None = None  # (B, max_blocks) int64
+    query_lens: list[int] | None = None  # the same as query_start, for the PyTorch path
     decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool, built once per step
     # where a layer needs it (the PyTorch decode path; the kernel reads context_lens)
 
     @property
-    def is_prefill(self) -> bool:
-        return self.block_tables is None
+    def is_decode(self) -> bool:
+        """Every sequence adds one token (a decode step)."""
+        return self.query_lens is not None and all(n == 1 for n in self.query_lens)
+
+    @staticmethod
+    def paged(block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
+              device: torch.device | str = "cpu") -> AttentionMetadata:
+        """The metadata of sequences whose last query_lens[b] of context_lens[b] tokens are computed now,
+        their tokens' slots read from their block tables."""
+        slots, query_start = [], [0]
+        for table, n, length in zip(block_tables, query_lens, context_lens):
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(length - n, length)]
+            query_start.append(query_start[-1] + n)
+        width = max(len(t) for t in block_tables)
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return AttentionMetadata(slot_mapping=tensor(slots), query_start=tensor(query_start),
+                                 context_lens=tensor(context_lens), block_tables=tensor(tables),
+                                 query_lens=list(query_lens))
 
     @staticmethod
     def single_sequence() -> AttentionMetadata:
         """Plain causal attention over the whole input, no cache (reference forward, tests)."""
-        return AttentionMetadata(slot_mapping=None, prefill_lens=None)
+        return AttentionMetadata(slot_mapping=None)
 
     def build_decode_mask(self, block_size: int) -> None:
-        assert self.block_tables is not None and self.context_lens is not None
         span = self.block_tables.shape[1] * block_size
         positions = torch.arange(span, device=self.block_tables.device)
         self.decode_mask = (positions[None, :] < self.context_lens[:, None])[:, None, None, :]
@@ -60,37 +81,55 @@ def attend(
     stored: bool = False,  # k and v are already in the cache at meta.slot_mapping
 ) -> torch.Tensor:  # (N, n_head * head_dim)
     n_tokens, n_head, head_dim = q.shape
-    gqa = n_head != k.shape[1]
-    if kv is not None and meta is not None and meta.slot_mapping is not None and not stored:
-        k_cache, v_cache = kv
+    if kv is None or meta is None or meta.block_tables is None:  # one whole sequence, no cache
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (H, T, D)
+                                           is_causal=True, scale=scale, enable_gqa=n_head != k.shape[1])
+        return o.transpose(0, 1).reshape(n_tokens, n_head * head_dim)
+    k_cache, v_cache = kv
+    if not stored:
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-
-    if meta is None or meta.is_prefill:
-        lens = meta.prefill_lens if meta is not None and meta.prefill_lens else [n_tokens]
-        outs = []
-        for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
-            o = F.scaled_dot_product_attention(
-                qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),  # (H, T, D)
-                is_causal=True, scale=scale, enable_gqa=gqa,
-            )
-            outs.append(o.transpose(0, 1))  # (T, H, D)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.reshape(n_tokens, n_head * head_dim)
-
-    k_cache, v_cache = kv  # type: ignore[misc]
-    bt = meta.block_tables
-    out = ops.decode_attention(q, k_cache, v_cache, bt, meta.context_lens, scale)  # reads the blocks in place
+    out = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.context_lens, scale)
     if out is not None:
         return out
-    # Without the kernel: gather each sequence's blocks into a padded (B, n_kv, L, D) view and mask the tail.
+    if meta.is_decode:
+        return _decode_torch(q, k_cache, v_cache, meta, scale)
+    return _paged_torch(q, k_cache, v_cache, meta, scale)
+
+
+def _decode_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Without the kernel, one token per sequence: gather each sequence's blocks into a padded
+    (B, n_kv, L, D) view and mask the tail."""
     if meta.decode_mask is None:  # built by the first layer, shared by the rest
         meta.build_decode_mask(k_cache.shape[1])
-    batch = bt.shape[0]
+    bt = meta.block_tables
+    batch, n_head, head_dim = q.shape
     keys = k_cache[bt].flatten(1, 2).transpose(1, 2)  # (B, n_kv, L, D)
     values = v_cache[bt].flatten(1, 2).transpose(1, 2)  # (B, n_kv, L, D)
     out = F.scaled_dot_product_attention(
         q.view(batch, n_head, 1, head_dim).to(keys.dtype), keys, values,
-        attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa,
+        attn_mask=meta.decode_mask, scale=scale, enable_gqa=n_head != keys.shape[1],
     )  # (B, n_head, 1, D)
     return out.reshape(batch, n_head * head_dim).to(q.dtype)
+
+
+def _paged_torch(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Without the kernel, any mix of chunks: per sequence, its context gathered from the cache and a
+    causal mask offset by the positions already there."""
+    n_tokens, n_head, head_dim = q.shape
+    block_size = k_cache.shape[1]
+    outs = []
+    starts = [0]
+    for n in meta.query_lens:
+        starts.append(starts[-1] + n)
+    for b, n in enumerate(meta.query_lens):
+        length = int(meta.context_lens[b])
+        blocks = meta.block_tables[b, : -(-length // block_size)]
+        keys = k_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)  # (n_kv, L, D)
+        values = v_cache[blocks].flatten(0, 1)[:length].transpose(0, 1)
+        positions = torch.arange(length - n, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # (n, L)
+        o = F.scaled_dot_product_attention(q[starts[b]:starts[b + 1]].transpose(0, 1).to(keys.dtype), keys, values,
+                                           attn_mask=mask, scale=scale, enable_gqa=n_head != keys.shape[0])
+        outs.append(o.transpose(0, 1).to(q.dtype))  # (n, H, D)
+    return torch.cat(outs).reshape(n_tokens, n_head * head_dim)

@@ -144,3 +144,16 @@ class GPT2LMHeadModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, n_embd) -> (N, vocab) float32
         return ops.to_float32(self.lm_head(hidden))
+
+    def fuse(self) -> GPT2LMHeadModel:
+        """For inference: every Conv1D becomes the nn.Linear of the same product (its weight transposed),
+        which the CPU layout then packs for nextok's kernels; the checkpoint names stay."""
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, Conv1D):
+                    n_in, n_out = child.weight.shape
+                    linear = nn.Linear(n_in, n_out, device="meta")
+                    linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
+                    linear.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                    setattr(module, name, linear)
+        return self

@@ -26,6 +26,24 @@ class BeamCandidate:
     score: float  # accumulated log-probability
 
 
+@dataclass
+class BeamRanking:
+    """How one step ranked its candidates (what `nextok explain` shows of a beam search step).
+
+    The beams_to_keep best (parent, token) pairs over all live beams, best first, with their
+    accumulated scores and whether each ends its hypothesis (an end token, or the last step); `kept`
+    are the ranks that continue as the next running beams, in their new order.
+    """
+
+    logprobs: torch.Tensor  # (n_live, V) the processed log-probabilities the step ranked
+    running_scores: torch.Tensor  # (num_beams,) the running beams' scores before the step
+    parents: list[int]
+    tokens: list[int]
+    scores: list[float]
+    ends: list[bool]
+    kept: list[int]
+
+
 class BeamSearch:
     """Running and finished beams of one request."""
 
@@ -42,6 +60,7 @@ class BeamSearch:
         self.num_generated = 0
         self.done = False
         self._top_mask = torch.arange(self.beams_to_keep) < nb  # (K,)
+        self.last_ranking: BeamRanking | None = None
 
     def step(
         self,
@@ -52,6 +71,7 @@ class BeamSearch:
     ) -> list[BeamCandidate]:
         """Advance one token; returns the next running beams (empty once the search is done)."""
         nb, vocab = self.num_beams, logprobs.shape[-1]
+        given = logprobs
         if logprobs.shape[0] != nb:  # first step: every beam is the prompt, only beam 0 scores
             logprobs = logprobs[:1].expand(nb, vocab)
             beam_tokens = beam_tokens[:1] * nb
@@ -72,6 +92,8 @@ class BeamSearch:
         # Next running beams: the best candidates that did not just finish.
         running_lp = top_lp + hits.to(torch.float32) * _NEG
         next_scores, next_idx = torch.topk(running_lp, k=nb)
+        self.last_ranking = BeamRanking(given, self.running_scores, parents, tokens, top_lp.tolist(),
+                                        hits.tolist(), next_idx.tolist())
         self.running_scores = next_scores
 
         self._update_finished(top_lp, hits, parents, tokens, beam_tokens)

@@ -24,6 +24,9 @@ class SelectedTokens:
     logprobs: list[float]  # the chosen token's log-probability under the model
     top_logprobs: list[dict[int, float] | None]
 
+    def slice(self, start: int, end: int) -> SelectedTokens:
+        return SelectedTokens(self.tokens[start:end], self.logprobs[start:end], self.top_logprobs[start:end])
+
 
 def row_batch(seqs: list) -> RowBatch:
     return RowBatch(

@@ -8,7 +8,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from nextok.engine.engine import LLMEngine
 from nextok.engine.runner import ModelRunner
-from nextok.kernels import amx_enabled, library
+from nextok.kernels import library
 from nextok.kernels.fused import FusedDecoder
 from nextok.models import linear
 from nextok.models.quantize import quantize_int8
@@ -38,8 +38,7 @@ def _model(dtype: str, **config):
         return model
     if dtype.endswith("-blocks"):
         model = build_model(ref.config.to_dict(), _gguf_valued(ref.state_dict()), getattr(torch, dtype[:-7]))
-        if dtype == "float32-blocks" or amx_enabled():  # bfloat16 blocks need the AMX product
-            assert any(getattr(m, "packed", None) is not None and m.packed.dtype == torch.uint8 for m in model.modules())
+        assert any(getattr(m, "packed", None) is not None and m.packed.dtype == torch.uint8 for m in model.modules())
         return model
     model = build_model(ref.config.to_dict(), ref.state_dict(), torch.bfloat16)
     return quantize_int8(model) if dtype == "int8" else model
@@ -74,8 +73,6 @@ def test_fused_decode_equals_the_per_op_path(dtype, config, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_format_weights_give_the_dense_results(dtype, monkeypatch):
     """Weights kept as GGUF blocks (ops.pack_blocks) decode exactly as the dense matrices of the same dtype."""
-    if dtype == torch.bfloat16 and not amx_enabled():
-        pytest.skip("bfloat16 layers keep blocks only where the CPU has AMX")
     ref, _ = llama_pair(seed=3, hidden_size=96, intermediate_size=160, num_attention_heads=3, num_key_value_heads=3)
     state_dict = _gguf_valued(ref.state_dict())
     blocks = build_model(ref.config.to_dict(), state_dict, dtype)

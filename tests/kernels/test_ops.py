@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from nextok.kernels import library, ops, packing
+from nextok.kernels import has, library, ops, packing
 
 pytestmark = pytest.mark.skipif(library() is None, reason="nextok's CPU kernels need AVX-512 BF16 and a C compiler")
 
@@ -148,25 +148,66 @@ def test_rotate_matches_rotate_half(dtype, tol):
     assert k_cache.view(-1, 3, dim)[1:5].abs().sum() == 0  # nothing else written
 
 
-@pytest.mark.parametrize("dtype,tol", DTYPES)
-@pytest.mark.parametrize("n_head,n_kv,dim", [(9, 3, 64), (4, 4, 16), (6, 1, 40), (8, 2, 128), (4, 1, 256)])
-@pytest.mark.parametrize("batch", [3, 6])  # jobs per (sequence, kv head) below twice the threads, else per sequence
-def test_decode_attention_reads_the_paged_cache(dtype, tol, n_head, n_kv, dim, batch):
-    torch.manual_seed(n_head + dim)
+def _paged(dtype, n_kv, dim, seed):
+    torch.manual_seed(seed)
     blocks, block_size = 64, 4
     k_cache = torch.randn(blocks, block_size, n_kv, dim, dtype=dtype)
     v_cache = torch.randn(blocks, block_size, n_kv, dim, dtype=dtype)
-    tables = torch.randperm(blocks)[:60].view(6, 10)[:batch]
-    lens = torch.tensor([10, 16, 1, 40, 23, 33])[:batch]  # keys in chunks of 16: whole, partial, one
-    qkv = torch.randn(batch, n_head + 2 * n_kv, dim, dtype=dtype)
+    tables = torch.randperm(blocks)[:60].view(6, 10)
+    return k_cache, v_cache, tables
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("n_head,n_kv,dim", [(9, 3, 64), (4, 4, 16), (6, 1, 40), (8, 2, 128), (4, 1, 256)])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 1, 1, 1, 1, 1], [3, 1, 5], [1, 16, 1, 7, 2, 1]],
+                         ids=["decode3", "decode6", "chunks", "mixed"])  # jobs per (token, kv head), then per token
+def test_paged_attention_reads_the_paged_cache(dtype, tol, n_head, n_kv, dim, query_lens):
+    k_cache, v_cache, tables = _paged(dtype, n_kv, dim, n_head + dim)
+    batch, block_size = len(query_lens), k_cache.shape[1]
+    lens = torch.tensor([10, 16, 5, 40, 23, 33])[:batch]  # keys in chunks of 16: whole, partial, one
+    starts = torch.tensor([0, *query_lens]).cumsum(0)
+    qkv = torch.randn(int(starts[-1]), n_head + 2 * n_kv, dim, dtype=dtype)
     q = qkv[:, :n_head]  # strided rows, as the model passes it
-    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, 0.3)
+    out = ops.paged_attention(q, k_cache, v_cache, tables[:batch], starts, lens, 0.3)
+    assert out is not None
     for b in range(batch):
-        slots = [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(int(lens[b]))]
+        length, n = int(lens[b]), query_lens[b]
+        slots = [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(length)]
         keys = k_cache.reshape(-1, n_kv, dim)[slots].float().transpose(0, 1)  # (Hkv, L, D)
         values = v_cache.reshape(-1, n_kv, dim)[slots].float().transpose(0, 1)
-        expected = F.scaled_dot_product_attention(q[b].float()[:, None], keys, values, scale=0.3, enable_gqa=True)
-        close(out[b], expected.reshape(-1).to(dtype), tol)
+        mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]  # (n, L): causal
+        rows = q[starts[b]:starts[b + 1]].float().transpose(0, 1)  # (H, n, D)
+        expected = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=0.3, enable_gqa=True)
+        close(out[starts[b]:starts[b + 1]], expected.transpose(0, 1).reshape(n, -1).to(dtype), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_attends_the_same_in_any_chunk_or_batch(dtype):
+    """Each query is computed alone: as part of a 12-token chunk, one at a time as decodes, or beside
+    other sequences, its output is the same bit for bit."""
+    k_cache, v_cache, tables = _paged(dtype, 3, 64, 7)
+    q = torch.randn(12, 9, 64, dtype=dtype)
+    chunk = ops.paged_attention(q, k_cache, v_cache, tables[:1], torch.tensor([0, 12]), torch.tensor([30]), 0.125)
+    one_by_one = torch.cat([ops.paged_attention(q[i:i + 1], k_cache, v_cache, tables[:1], torch.tensor([0, 1]),
+                                                torch.tensor([19 + i]), 0.125) for i in range(12)])
+    assert torch.equal(chunk, one_by_one)
+    others = torch.randn(5, 9, 64, dtype=dtype)
+    mixed = ops.paged_attention(torch.cat([q, others]), k_cache, v_cache, tables[:3], torch.tensor([0, 12, 14, 17]),
+                                torch.tensor([30, 9, 40]), 0.125)
+    assert torch.equal(mixed[:12], chunk)
+
+
+def test_paged_attention_refuses_reads_outside_the_cache():
+    k_cache, v_cache, tables = _paged(torch.float32, 3, 64, 1)
+    q = torch.randn(2, 9, 64)
+    with pytest.raises(ValueError, match="longer than its block table"):
+        ops.paged_attention(q, k_cache, v_cache, tables[:1], torch.tensor([0, 2]), torch.tensor([41]), 0.1)
+    bad = tables[:1].clone()
+    bad[0, 0] = 64
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        ops.paged_attention(q, k_cache, v_cache, bad, torch.tensor([0, 2]), torch.tensor([4]), 0.1)
+    with pytest.raises(ValueError, match="new tokens"):
+        ops.paged_attention(q, k_cache, v_cache, tables[:1], torch.tensor([0, 2]), torch.tensor([1]), 0.1)
 
 
 @pytest.mark.parametrize("rows,vocab,k", [(1, 49152, 66), (16, 49152, 50), (3, 2000, 1), (5, 100, 100), (4, 37, 20)])
@@ -202,3 +243,32 @@ def test_to_float32_equals_torch(shape):
     out = ops.to_float32(x)
     assert out.dtype == torch.float32 and torch.equal(out, x.float())
     assert torch.equal(ops.to_float32(x.float()), x.float())  # float32 stays as is
+
+
+@pytest.mark.parametrize("kind", ["float32", "float32-q4", "float32-q8", "bfloat16", "bfloat16-q4", "int8"])
+def test_every_row_is_computed_as_if_alone(kind):
+    """Batch invariance: row i of an M-row product equals the 1-row product of that row, bit for bit, for
+    every M (the tiling changes with M; each row's additions do not)."""
+    if kind.startswith("bfloat16") or kind == "int8":
+        if not has("linear_bf16"):
+            pytest.skip("the bfloat16 and int8 kernels need AVX-512 BF16")
+    k, n = 576, 200
+    torch.manual_seed(5)
+    w = torch.randn(n, k) * 0.05
+    if kind.endswith(("q4", "q8")):
+        w = _gguf_values(n, k, Q.Q4_1 if kind.endswith("q4") else Q.Q8_0, seed=3)
+    dtype = torch.float32 if kind.startswith("float32") else torch.bfloat16
+    scale = None
+    if kind == "int8":
+        packed, scale = packing.pack_weight(torch.randint(-127, 128, (n, k), dtype=torch.int8)), torch.rand(n) / 100
+    elif "-q" in kind:
+        packed = packing.pack_blocks(w, dtype)
+        assert packed is not None and packed.dtype == torch.uint8
+    else:
+        packed = packing.pack_weight(w.to(dtype))
+    bias = torch.randn(n, dtype=dtype)
+    x = torch.randn(70, k, dtype=dtype)
+    alone = torch.cat([ops.packed_linear(x[i:i + 1], packed, n, bias, scale) for i in range(70)])
+    for rows in (2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33, 70):
+        together = ops.packed_linear(x[:rows], packed, n, bias, scale)
+        assert torch.equal(together, alone[:rows]), rows

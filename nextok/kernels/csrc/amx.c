@@ -1,4 +1,4 @@
-// AMX tile products, for bfloat16 and int8 products of several rows; the [bf16] tier only.
+// AMX tile products for bfloat16 weights (dense or block formats); the [bf16] tier only.
 //
 // Where the CPU has AMX and Linux grants the tile state (amx_init), tdpbf16ps multiplies a
 // (rows x 32) tile of x by a (32 x 16) tile of W. The packed pair layout is AMX's B-tile layout.
@@ -99,7 +99,7 @@ int linear_amx(const bf16* x, const void* packed, int format, const float* scale
     for (int64_t t = 0; t < pairs; t++) {
       if (failed) continue;
       // One tile of rows: each group is widened as it is used; more: the pair is widened once for all.
-      int in_tiles = format != FORMAT_DENSE && format != FORMAT_INT8 && M <= 16;
+      int in_tiles = format != FORMAT_DENSE && M <= 16;
       const void* w = in_tiles ? (const char*)packed + t * 2 * block_stride_f32(K, format)
                                : (const void*)pair_weights_bf16(packed, format, t, K, wide);
       for (int64_t m0 = 0; m0 < M; m0 += 16) {

@@ -1,9 +1,13 @@
-// Paged decode attention: one new query token per sequence, reading the keys and values straight
-// from their cache blocks through the block table (no gather).
+// Paged attention: the new tokens of each sequence (one when decoding, a chunk of a prompt when
+// prefilling) attend to their sequence's keys and values, read straight from the cache blocks through
+// the block table (no gather). Their own keys and values are in the cache already.
 //
-// q: (B, H, D) rows `q_stride` elements apart; caches (blocks, block_size, Hkv, D); block_tables
-// (B, max_blocks); out (B, H * D). Each thread takes whole sequences (or, with fewer sequences than
-// twice the threads, (sequence, kv head) pairs), and reads each key and value once for up to
+// Every query token is computed alone, the same way whether it is decoded or prefilled, alone or in
+// any batch, in one chunk or another: a prompt prefilled in chunks, a request recomputed after
+// preemption and a request in a batch all give the keys, values and logits of the same request alone.
+//
+// A query at position p attends to keys 0..p. Each thread takes whole query tokens (or, with fewer
+// tokens than twice the threads, (token, kv head) pairs), and reads each key and value once for up to
 // ATTN_HEADS query heads of the group (their q and outputs stay in registers). A key's dot product
 // with a head is one vector of partial sums; the vectors of 16 keys are summed across lanes together
 // (sum_lanes16), in the same order _mm512_reduce_add_ps adds.
@@ -121,23 +125,34 @@ static void attend_group_bf16(const void* q, const void* k_cache, const void* v_
 }
 #endif
 
-static int decode_attention(const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                            const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens, void* out,
-                            int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float scale,
-                            int threads, AttendFn attend, int64_t el) {
-  if (D < 1 || D > MAX_HEAD_DIM || Hkv < 1 || H % Hkv) return NEXTOK_EINVAL;
-  int64_t group = H / Hkv;
+static int paged_attention(const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                           const int64_t* block_tables, int64_t max_blocks, const int64_t* query_start,
+                           const int64_t* context_lens, void* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                           int64_t block_size, float scale, int threads, AttendFn attend, int64_t el) {
+  if (D < 1 || D > MAX_HEAD_DIM || Hkv < 1 || H % Hkv || B < 0) return NEXTOK_EINVAL;
+  int64_t N = query_start[B], group = H / Hkv;
   int nd = (int)((D + 15) / 16), heads = nd <= 4 ? ATTN_HEADS : nd <= 8 ? 2 : 1;  // q, o: <= 16 vectors
-  // a job: a whole sequence, whose cache rows are read in full, where that keeps the threads busy
-  int64_t jobs_per_row = B >= 2 * threads ? 1 : Hkv;
+  int64_t* seq_of = malloc(sizeof(int64_t) * (N > 0 ? N : 1));  // token -> its sequence
+  if (!seq_of) return NEXTOK_ENOMEM;
+  for (int64_t b = 0; b < B; b++) {
+    int64_t n_q = query_start[b + 1] - query_start[b];
+    if (n_q < 0 || n_q > context_lens[b] || context_lens[b] > max_blocks * block_size) {
+      free(seq_of);
+      return NEXTOK_EINVAL;
+    }
+    for (int64_t t = query_start[b]; t < query_start[b + 1]; t++) seq_of[t] = b;
+  }
+  // a job: a whole token, whose cache rows are read in full, where that keeps the threads busy
+  int64_t jobs_per_token = N >= 2 * threads ? 1 : Hkv;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     float* scores = NULL;
     int64_t capacity = 0;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < B * jobs_per_row; job++) {
-      int64_t b = job / jobs_per_row, L = context_lens[b], padded = (L + 15) / 16 * 16;
+    for (int64_t job = 0; job < N * jobs_per_token; job++) {
+      int64_t t = job / jobs_per_token, b = seq_of[t];
+      int64_t L = context_lens[b] - (query_start[b + 1] - t) + 1, padded = (L + 15) / 16 * 16;  // keys 0..pos
       if (failed) continue;
       if (padded > capacity) {
         free(scores);
@@ -149,33 +164,35 @@ static int decode_attention(const void* q, int64_t q_stride, const void* k_cache
           continue;
         }
       }
-      int64_t g0 = jobs_per_row == 1 ? 0 : job % Hkv, g1 = jobs_per_row == 1 ? Hkv : g0 + 1;
+      int64_t g0 = jobs_per_token == 1 ? 0 : job % Hkv, g1 = jobs_per_token == 1 ? Hkv : g0 + 1;
       for (int64_t g = g0; g < g1; g++)
         for (int64_t h0 = 0; h0 < group; h0 += heads) {
           int GS = group - h0 < heads ? (int)(group - h0) : heads;
           int64_t h = g * group + h0;
-          attend((const char*)q + (b * q_stride + h * D) * el, k_cache, v_cache, block_tables + b * max_blocks, L, g,
-                 Hkv, D, block_size, scale, scores, (char*)out + (b * H + h) * D * el, GS, nd);
+          attend((const char*)q + (t * q_stride + h * D) * el, k_cache, v_cache, block_tables + b * max_blocks, L, g,
+                 Hkv, D, block_size, scale, scores, (char*)out + (t * H + h) * D * el, GS, nd);
         }
     }
     free(scores);
   }
+  free(seq_of);
   return failed ? NEXTOK_ENOMEM : NEXTOK_OK;
 }
 
-int decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
-                         const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens, float* out,
-                         int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float scale, int threads) {
-  return decode_attention(q, q_stride, k_cache, v_cache, block_tables, max_blocks, context_lens, out, B, H, Hkv, D,
-                          block_size, scale, threads, attend_group_f32, 4);
+int paged_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                        const int64_t* block_tables, int64_t max_blocks, const int64_t* query_start,
+                        const int64_t* context_lens, float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                        int64_t block_size, float scale, int threads) {
+  return paged_attention(q, q_stride, k_cache, v_cache, block_tables, max_blocks, query_start, context_lens, out, B,
+                         H, Hkv, D, block_size, scale, threads, attend_group_f32, 4);
 }
 
 #ifdef NEXTOK_BF16
-int decode_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
-                          const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens, bf16* out,
-                          int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float scale,
-                          int threads) {
-  return decode_attention(q, q_stride, k_cache, v_cache, block_tables, max_blocks, context_lens, out, B, H, Hkv, D,
-                          block_size, scale, threads, attend_group_bf16, 2);
+int paged_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
+                         const int64_t* block_tables, int64_t max_blocks, const int64_t* query_start,
+                         const int64_t* context_lens, bf16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                         int64_t block_size, float scale, int threads) {
+  return paged_attention(q, q_stride, k_cache, v_cache, block_tables, max_blocks, query_start, context_lens, out, B,
+                         H, Hkv, D, block_size, scale, threads, attend_group_bf16, 2);
 }
 #endif

@@ -11,6 +11,9 @@
 #include "nextok.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+// Unroll a loop over a micro-kernel's rows or partial sums completely, so that the accumulator arrays
+// it indexes become registers (GCC's own limits leave the larger tiles in memory).
+#define UNROLL _Pragma("GCC unroll 16")
 
 ALWAYS_INLINE __mmask16 tail_mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 

@@ -1,4 +1,8 @@
-// bfloat16 products on AVX-512 (vdpbf16ps), for products of few rows or where AMX is missing.
+// bfloat16 products on AVX-512 (vdpbf16ps) where the CPU has no AMX, on AMX tiles (amx.c) where it has.
+//
+// Either way every row adds in the same order whatever the number of rows, so a request's output
+// never depends on what else is in its batch: here two partial sums per 32-step chunk (even and odd
+// pairs of k) for every tile of up to 4 rows; on AMX, each row's products in tile order.
 #ifdef NEXTOK_BF16
 #include "products_bf16.h"
 
@@ -11,16 +15,6 @@ bf16* wide_buffer(int format, int64_t K, int* failed) {
 
 const bf16* pair_weights_bf16(const void* packed, int format, int64_t t, int64_t K, bf16* wide) {
   if (format == FORMAT_DENSE) return (const bf16*)packed + t * 32 * K;
-  if (format == FORMAT_INT8) {
-    const int8_t* q = (const int8_t*)packed + t * 32 * K;
-    for (int64_t i = 0; i < 32 * K; i += 32) {
-      __m256i v = _mm256_loadu_si256((const __m256i*)(q + i));
-      __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-      __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-      _mm512_store_si512(wide + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-    return wide;
-  }
   const char* w = (const char*)packed + t * 2 * block_stride_f32(K, format);
   for (int64_t g = 0; g < K / CHUNK; g++) {
     widen_group_bf16(w, g, format, wide + g * 512);
@@ -71,9 +65,9 @@ ALWAYS_INLINE void micro_bf16(const bf16* x, int64_t K, const bf16* w0, bf16* y,
 
 ALWAYS_INLINE void tile_bf16(const bf16* x, int64_t K, const bf16* w, bf16* y, int64_t N, int64_t n,
                              const bf16* bias, int MT) {
-  switch (MT) {
-    case 1: micro_bf16(x, K, w, y, N, n, NULL, bias, 1, 4); break;
-    case 2: micro_bf16(x, K, w, y, N, n, NULL, bias, 2, 4); break;
+  switch (MT) {  // constant rows, so the accumulators stay in registers; the same 2 partial sums for all
+    case 1: micro_bf16(x, K, w, y, N, n, NULL, bias, 1, 2); break;
+    case 2: micro_bf16(x, K, w, y, N, n, NULL, bias, 2, 2); break;
     case 3: micro_bf16(x, K, w, y, N, n, NULL, bias, 3, 2); break;
     default: micro_bf16(x, K, w, y, N, n, NULL, bias, 4, 2); break;
   }
@@ -83,7 +77,7 @@ int linear_bf16(const bf16* x, const void* packed, int format, const bf16* bias,
                 int64_t N, int threads) {
   if (format != FORMAT_DENSE && format != FORMAT_Q4 && format != FORMAT_Q8) return NEXTOK_EINVAL;
   if (K % 2 || (format != FORMAT_DENSE && K % CHUNK)) return NEXTOK_EINVAL;
-  if (use_amx(M, K, 5)) return linear_amx(x, packed, format, NULL, bias, y, M, K, N, threads);
+  if (use_amx(M, K, 1)) return linear_amx(x, packed, format, NULL, bias, y, M, K, N, threads);
   int64_t pairs = (N + 31) / 32;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

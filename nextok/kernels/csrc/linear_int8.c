@@ -4,6 +4,8 @@
 // The activations are quantized per row to int16 (15 bits, finer than bf16's 8): vpdpwssd adds two
 // int16 products into each int32 lane. A chunk of 32 k stays far below int32 overflow
 // (32 * 127 * 32767 < 2^31); each chunk's sum goes to a float32 total, as in the float kernels.
+// Integer sums are exact and each row is quantized alone, so a row's result never depends on the
+// other rows: every product of every size takes this path (AMX would compute another rounding).
 #ifdef NEXTOK_BF16
 #include "products_bf16.h"
 
@@ -54,7 +56,7 @@ ALWAYS_INLINE void micro_int8(const int16_t* xq, const float* xscale, int64_t K,
 ALWAYS_INLINE void tile_int8(const int16_t* xq, const float* xscale, int64_t K, const int8_t* w, bf16* y, int64_t N,
                              int64_t n, const float* scale, const bf16* bias, int MT) {
   switch (MT) {
-    case 1: micro_int8(xq, xscale, K, w, y, N, n, scale, bias, 1, 4); break;
+    case 1: micro_int8(xq, xscale, K, w, y, N, n, scale, bias, 1, 4); break;  // integer sums: any KS is exact
     case 2: micro_int8(xq, xscale, K, w, y, N, n, scale, bias, 2, 4); break;
     case 3: micro_int8(xq, xscale, K, w, y, N, n, scale, bias, 3, 2); break;
     default: micro_int8(xq, xscale, K, w, y, N, n, scale, bias, 4, 2); break;
@@ -81,8 +83,6 @@ static void quantize_rows(const bf16* x, int16_t* xq, float* xscale, int64_t M, 
 int linear_int8(const bf16* x, const int8_t* packed, const float* scale, const bf16* bias, bf16* y, int64_t M,
                 int64_t K, int64_t N, int threads) {
   if (K % 2) return NEXTOK_EINVAL;
-  if (use_amx(M, K, 12))  // bf16 activations on the tile unit: faster from a dozen rows on
-    return linear_amx(x, packed, FORMAT_INT8, scale, bias, y, M, K, N, threads);
   int16_t* xq = malloc(sizeof(int16_t) * M * K);
   float* xscale = malloc(sizeof(float) * M);
   if (!xq || !xscale) {

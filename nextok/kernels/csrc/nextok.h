@@ -24,7 +24,7 @@ enum { NEXTOK_OK = 0, NEXTOK_ENOMEM = -1, NEXTOK_EINVAL = -2 };
 
 // Weight formats of a packed matrix (ops.pack_weight, ops.pack_blocks): dense, or groups of 32
 // weights along k that share a scale (and a minimum), as GGUF Q4_1 / Q8_0 checkpoints store them.
-enum { FORMAT_DENSE = 0, FORMAT_Q4 = 1, FORMAT_Q8 = 2, FORMAT_INT8 = 3 };
+enum { FORMAT_DENSE = 0, FORMAT_Q4 = 1, FORMAT_Q8 = 2 };
 
 #define MAX_HEAD_DIM 256  // attention keeps a head's query and output in registers
 
@@ -38,7 +38,7 @@ int linear_bf16(const bf16* x, const void* packed, int format, const bf16* bias,
 // [bf16] int8 weights with one float32 scale per output, bfloat16 activations.
 int linear_int8(const bf16* x, const int8_t* packed, const float* scale, const bf16* bias, bf16* y, int64_t M,
                 int64_t K, int64_t N, int threads);
-// [bf16] 1 where bfloat16 and int8 products may use the AMX tile unit (Linux granted the tile state).
+// [bf16] 1 where bfloat16 products may use the AMX tile unit (Linux granted the tile state).
 int amx_init(void);
 // [bf16] Runs one tile product and returns 1; a CPU or VM that refuses AMX kills the process with an
 // illegal instruction instead, so Python calls it in a child process first.
@@ -63,16 +63,18 @@ int rotary_store_bf16(bf16* qkv, const float* cos, const float* sin, bf16* k_cac
 int bf16_to_f32(const bf16* x, float* y, int64_t n, int threads);
 
 // ----------------------------------------------------------------------------------- attention
-// One query per sequence over its paged cache: q (B, H, D), rows q_stride elements apart; caches
-// (blocks, block_size, Hkv, D); block_tables (B, max_blocks); out (B, H * D).
-int decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
-                         const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens, float* out,
-                         int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float scale,
-                         int threads);
-int decode_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
-                          const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens, bf16* out,
-                          int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float scale,
-                          int threads);  // [bf16]
+// The new tokens of B sequences over their paged caches (their keys and values written already):
+// sequence b's tokens are rows query_start[b] .. query_start[b + 1] of q (N, H, D), rows q_stride
+// elements apart, and are its last positions of context_lens[b]; the token at position p attends to
+// keys 0..p. Caches (blocks, block_size, Hkv, D); block_tables (B, max_blocks); out (N, H * D).
+int paged_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                        const int64_t* block_tables, int64_t max_blocks, const int64_t* query_start,
+                        const int64_t* context_lens, float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                        int64_t block_size, float scale, int threads);
+int paged_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
+                         const int64_t* block_tables, int64_t max_blocks, const int64_t* query_start,
+                         const int64_t* context_lens, bf16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                         int64_t block_size, float scale, int threads);  // [bf16]
 
 // ------------------------------------------------------------------------------ rows of logits
 // values, columns (B, k): each row's k largest, descending (ties in any order). Returns the number
@@ -102,11 +104,13 @@ typedef struct {
   void* v_cache;
 } DecoderLayer;
 
-// Every decoder layer for B sequences that each add one token: x (B, hidden) holds the token
-// embeddings in and the final normalised hidden states out. use_bf16: bf16 activations [bf16].
-int decode_layers(const DecoderLayer* layers, int64_t n_layers, const void* final_norm, void* x, const float* cos,
-                  const float* sin, const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
-                  const int64_t* context_lens, int64_t B, int64_t hidden, int64_t inner, int64_t H, int64_t Hkv,
-                  int64_t D, int64_t block_size, float eps, float scale, int use_bf16, int threads);
+// Every decoder layer for the N new tokens of B sequences (one each when decoding, prompt chunks when
+// prefilling; query_start, context_lens and the tables as paged_attention's): x (N, hidden) holds the
+// token embeddings in and the final normalised hidden states out. use_bf16: bf16 activations [bf16].
+int forward_layers(const DecoderLayer* layers, int64_t n_layers, const void* final_norm, void* x, const float* cos,
+                   const float* sin, const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
+                   const int64_t* query_start, const int64_t* context_lens, int64_t N, int64_t B, int64_t hidden,
+                   int64_t inner, int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float eps, float scale,
+                   int use_bf16, int threads);
 
 #endif

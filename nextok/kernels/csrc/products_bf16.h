@@ -41,11 +41,11 @@ ALWAYS_INLINE void widen_group_bf16(const char* w, int64_t g, int F, bf16* dst) 
 // NULL where the weights are bf16 already (*failed is set where an allocation fails).
 HIDDEN bf16* wide_buffer(int format, int64_t K, int* failed);
 // Column-block pair t in the bf16 pair layout (2 x K x 16 values): in place where the weights are
-// bf16 already, else widened into `wide` (int8 weights: their integer values, the scale applied after).
+// bf16 already, else widened from their block format into `wide`.
 HIDDEN const bf16* pair_weights_bf16(const void* packed, int format, int64_t t, int64_t K, bf16* wide);
 // Whether a product of M rows runs on the tile unit: AMX granted, at least min_rows rows, K % 32 == 0.
 HIDDEN int use_amx(int64_t M, int64_t K, int64_t min_rows);
-// The AMX product over all column-block pairs (format as pair_weights_bf16; scale for int8).
+// The AMX product over all column-block pairs (format as pair_weights_bf16; scale: per output, or NULL).
 HIDDEN int linear_amx(const bf16* x, const void* packed, int format, const float* scale, const bf16* bias, bf16* y,
                       int64_t M, int64_t K, int64_t N, int threads);
 
