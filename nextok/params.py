@@ -47,10 +47,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self, "stop", self.stop, "give a string or a list of strings")
+        self.stop_token_ids = _as_list(self, "stop_token_ids", self.stop_token_ids, "give a list of token ids")
         if self.bad_words_ids is not None:
-            self.bad_words_ids = [list(w) for w in self.bad_words_ids]
+            words = _as_list(self, "bad_words_ids", self.bad_words_ids, "give a list of lists of token ids")
+            if not all(isinstance(w, (list, tuple)) for w in words):
+                _fail("bad_words_ids", self.bad_words_ids, "give a list of lists of token ids, e.g. [[12], [7, 8]]")
+            self.bad_words_ids = [list(w) for w in words]
         self._validate()
 
     # ------------------------------------------------------------------ derived
@@ -127,6 +130,11 @@ class SamplingParams:
         _check_float(self, "temperature")
         if self.temperature < 0:
             _fail("temperature", self.temperature, "use a value >= 0; 0 means greedy decoding (do_sample=False)")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / temperature would overflow to inf
+            _fail("temperature", self.temperature,
+                  f"use at least {MIN_TEMPERATURE}, or do_sample=False for greedy decoding")
+        if self.temperature > MAX_TEMPERATURE:  # it becomes inf in float32, and -inf / inf is NaN
+            _fail("temperature", self.temperature, f"use at most {MAX_TEMPERATURE:g}")
         if self.do_sample and self.temperature == 0:
             _fail("temperature", self.temperature,
                   "a temperature of 0 cannot sample; set do_sample=False for greedy decoding or use a value > 0")
@@ -141,9 +149,17 @@ class SamplingParams:
         if not 0 < self.typical_p <= 1:
             _fail("typical_p", self.typical_p, "use a value in (0, 1]; 1.0 turns typical sampling off")
         _check_float(self, "repetition_penalty")
-        if self.repetition_penalty <= 0:
-            _fail("repetition_penalty", self.repetition_penalty, "use a value > 0; 1.0 means no penalty")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            _fail("repetition_penalty", self.repetition_penalty,
+                  f"use a value in (0, {MAX_REPETITION_PENALTY:g}]; 1.0 means no penalty")
         _check_float(self, "length_penalty")
+        # Beam scores are divided by length ** length_penalty: it must stay a finite float32 number.
+        exponent = abs(self.length_penalty) * math.log(max(self.max_new_tokens, 2))
+        if exponent > MAX_LENGTH_EXPONENT:
+            limit = MAX_LENGTH_EXPONENT / math.log(max(self.max_new_tokens, 2))
+            _fail("length_penalty", self.length_penalty,
+                  f"with max_new_tokens={self.max_new_tokens}, length ** length_penalty overflows; use a value "
+                  f"in [-{limit:.1f}, {limit:.1f}]")
         for name in ("presence_penalty", "frequency_penalty"):
             _check_float(self, name)
             if not -2 <= getattr(self, name) <= 2:
@@ -169,6 +185,10 @@ class SamplingParams:
             _fail("bad_words_ids", self.bad_words_ids, "give a list of non-empty lists of token ids")
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+MAX_REPETITION_PENALTY = 1e4
+MAX_LENGTH_EXPONENT = 80.0  # e ** 80 ~ 5.5e34, well inside float32
+
 # Fields a model's generation_config.json may set (transformers applies the same ones).
 _MODEL_DEFAULT_FIELDS = (
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
@@ -188,6 +208,15 @@ def _check_int(p: SamplingParams, name: str, minimum: int, maximum: int | None =
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         _fail(name, value, fix or f"use a whole number {bound}")
+
+
+def _as_list(p: SamplingParams, name: str, value: Any, fix: str) -> list:
+    """A list-valued field as a list; anything that is not a list (or tuple) of items is a ValueError."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        _fail(name, value, fix)
+    return list(value)
 
 
 def _check_float(p: SamplingParams, name: str) -> None:

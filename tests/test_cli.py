@@ -57,6 +57,11 @@ def test_prompts_from_stdin(tiny_model_dir):
     (["--top-p", "1.5", "--do-sample"], "top_p=1.5"),
     (["--num-beams", "2", "--num-return-sequences", "4"], "num_return_sequences=4"),
     (["--max-new-tokens", "-3"], "max_new_tokens=-3"),
+    (["--bad-words-ids", "[1,2]"], "bad_words_ids=[1, 2]"),
+    (["--bad-words-ids", "[[999999]]"], "outside the model vocabulary"),
+    (["--stop-token-ids", "-4"], "stop_token_ids=[-4]"),
+    (["--kv-cache-gb", "0"], "--kv-cache-gb 0.0"),
+    (["--kv-cache-gb", "-1"], "--kv-cache-gb -1.0"),
 ])
 def test_bad_values_print_one_line_and_exit_2(tiny_model_dir, flags, fragment, capsys):
     # In-process: the same main() the console script runs, without a new interpreter per case.

@@ -93,3 +93,89 @@ def test_compile_only_warns_where_the_kernels_run_the_model(tiny_model_dir):
     with pytest.warns(UserWarning, match="compile=True has no effect"):
         llm = LLM(str(tiny_model_dir), dtype="float32", compile=True, kv_cache_memory=16 << 20)
     assert llm.generate("Hello", SamplingParams(max_new_tokens=3))[0].outputs[0].token_ids
+
+
+# ---------------------------------------------------------------------- failures leave the LLM as it was
+PROMPTS = ["The cat sat on", "a longer prompt with more words in it", "three", "four five six"]
+MIX = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=10, num_beams=3),
+       SamplingParams(max_new_tokens=12, do_sample=True, seed=4, num_return_sequences=2),
+       SamplingParams(max_new_tokens=12, repetition_penalty=1.3)]
+
+
+def _tokens(results):
+    return [[c.token_ids for c in r.outputs] for r in results]
+
+
+def _idle(llm) -> bool:
+    return not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+
+
+def test_ctrl_c_during_generate_leaves_the_llm_working(tiny_llm, monkeypatch):
+    """SIGINT in the middle of a step is raised when the step is done; generate takes its requests out
+    of the engine, and the same LLM then gives what a fresh one gives."""
+    import os
+    import signal
+
+    expected = _tokens(tiny_llm.generate(PROMPTS, MIX))
+    real_step = tiny_llm.engine.step
+    steps = []
+
+    def step():
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives inside the step
+        return real_step()
+
+    monkeypatch.setattr(tiny_llm.engine, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_llm.generate(PROMPTS, MIX)
+    monkeypatch.undo()
+    assert len(steps) == 3 and _idle(tiny_llm)
+    assert _tokens(tiny_llm.generate(PROMPTS, MIX)) == expected
+
+
+def test_an_interrupt_raised_inside_the_step_is_cleaned_up(tiny_llm, monkeypatch):
+    """Where the interrupt cannot be deferred (another thread, a KeyboardInterrupt raised by code), the
+    step ends its requests and generate removes them: nothing is left behind."""
+    from nextok.engine.runner import ModelRunner
+
+    expected = _tokens(tiny_llm.generate(PROMPTS, MIX))
+    real_run = ModelRunner.run
+    calls = []
+
+    def run(runner, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_run(runner, batch)
+
+    monkeypatch.setattr(ModelRunner, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_llm.generate(PROMPTS, MIX)
+    monkeypatch.undo()
+    assert _idle(tiny_llm)
+    assert _tokens(tiny_llm.generate(PROMPTS, MIX)) == expected
+
+
+def test_a_request_that_fails_ends_alone(tiny_llm, monkeypatch):
+    from nextok.sampling import selection
+
+    real = selection.apply_penalties
+
+    def failing(scores, batch):
+        if any(p.repetition_penalty == 1.3 for p in batch.params):
+            raise ArithmeticError("injected")
+        return real(scores, batch)
+
+    expected = _tokens(tiny_llm.generate(PROMPTS, MIX))
+    monkeypatch.setattr(selection, "apply_penalties", failing)
+    results = tiny_llm.generate(PROMPTS, MIX)
+    monkeypatch.undo()
+    assert results[3].error == "ArithmeticError: injected" and results[3].error_type == "server_error"
+    assert results[3].outputs[0].finish_reason == "error"
+    assert _tokens(results[:3]) == expected[:3] and _idle(tiny_llm)
+    with pytest.raises(RuntimeError, match="generation failed: ArithmeticError: injected"):
+        monkeypatch.setattr(selection, "apply_penalties", failing)
+        list(tiny_llm.stream("four five six", MIX[3]))
+    monkeypatch.undo()
+    assert _idle(tiny_llm)
