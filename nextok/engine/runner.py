@@ -50,7 +50,7 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
         if len(logit_rows) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(logit_rows, device=hidden.device)]  # (R, hidden)
+            hidden = hidden[torch.tensor(logit_rows, dtype=torch.long, device=hidden.device)]  # (R, hidden)
         return self.model.compute_logits(hidden)
 
     def fused_decoder(self) -> FusedDecoder | None:
