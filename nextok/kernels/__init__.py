@@ -1,7 +1,7 @@
 """nextok's own CPU kernels (csrc/), compiled once on first use and loaded with ctypes.
 
 `library()` returns the loaded library of the best instruction-set tier this CPU runs (see
-library.py), or None where there is none: no AVX-512, no C compiler, a failed build, or
+build.py), or None where there is none: no AVX-512, no C compiler, a failed build, or
 NEXTOK_KERNELS=0. Then every op falls back to PyTorch (ops.py). With NEXTOK_REQUIRE_KERNELS=1 a
 missing library is an error instead (CI sets it, so the kernel tests cannot skip silently).
 On CPUs with AMX, bfloat16 and int8 products of several rows use the tile unit (NEXTOK_AMX=0 keeps
@@ -19,7 +19,7 @@ import subprocess
 import threading
 import warnings
 
-from nextok.kernels.library import (KernelBuildError, Tier, amx_runs_here, best_tier, build, compiler, cpu_flags,
+from nextok.kernels.build import (KernelBuildError, Tier, amx_runs_here, best_tier, build_library, compiler, cpu_flags,
                                     load)
 
 __all__ = ["KernelBuildError", "amx_enabled", "call", "has", "library", "tier"]
@@ -66,7 +66,7 @@ def _load() -> tuple[ctypes.CDLL | None, Tier | None, str | None]:
         problem = "no C compiler found (cc/gcc); install gcc to build them"
     else:
         try:
-            path = build(chosen, cc)
+            path = build_library(chosen, cc)
             return load(path), chosen, str(path)
         except (OSError, subprocess.CalledProcessError) as e:
             detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr \

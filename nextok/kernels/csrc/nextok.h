@@ -1,6 +1,6 @@
 // nextok's CPU kernels: every function Python calls, in one place.
 //
-// This header is the single source of the Python signatures: nextok/kernels/library.py reads the
+// This header is the single source of the Python signatures: nextok/kernels/build.py reads the
 // prototypes below (one per line group, ending in ");") and gives ctypes their argument and return
 // types from them. Keep to the types it knows: pointers, int, int64_t, float.
 //

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 from nextok import kernels
-from nextok.kernels import library as lib_module
-from nextok.kernels.library import TIERS, best_tier, signatures
+from nextok.kernels import build as lib_module
+from nextok.kernels.build import TIERS, best_tier, signatures
 
 
 def test_every_prototype_of_the_header_is_in_the_loaded_library():

@@ -113,7 +113,7 @@ def _cache_dir() -> Path:
     return default_cache_dir() / "kernels"
 
 
-def build(tier: Tier, cc: str) -> Path:
+def build_library(tier: Tier, cc: str) -> Path:
     """The tier's shared library, compiled once and cached (atomically: a concurrent build sees all or nothing)."""
     sources = sorted(SOURCES.glob("*.c"))
     flags = [*_BASE_FLAGS, *tier.compiler_flags]
