@@ -40,7 +40,7 @@ bench: install-test
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 bench-peers: install-test
-	$(PIP) install ctranslate2==4.8.5
+	$(PIP) install ctranslate2==4.8.5 diskcache==5.6.3
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 
 clean:

@@ -97,8 +97,13 @@ def nextok_runner(dtype: str, w: Workload, model_path: str | None) -> Runner:
     return run
 
 
-def measure(engine: str, workload_name: str, scale: float, make_runner: Callable[[Workload], Runner]) -> CellResult:
-    """Warm up, time the one-token workload (the prompts' prefill), then time the whole workload."""
+def measure(engine: str, workload_name: str, scale: float, make_runner: Callable[[Workload], Runner],
+            counted: Callable[[Workload], int | None] | None = None) -> CellResult:
+    """Warm up, time the one-token workload (the prompts' prefill), then time the whole workload.
+
+    counted: the tokens the engine really generates, where it cannot stop at each prompt's budget
+    (default: the workload's own count).
+    """
     w = make_workload(workload_name, scale)
     run = make_runner(w)
     run([1] * len(w.prompts))  # warm-up: load, allocate, first-call overheads
@@ -108,7 +113,8 @@ def measure(engine: str, workload_name: str, scale: float, make_runner: Callable
     start = time.perf_counter()
     run(w.max_new_tokens)
     seconds = time.perf_counter() - start
-    return CellResult(engine, workload_name, w.new_tokens / seconds, prefill, peak_rss_mb(), seconds)
+    tokens = (counted(w) if counted else None) or w.new_tokens
+    return CellResult(engine, workload_name, tokens / seconds, prefill, peak_rss_mb(), seconds)
 
 
 def run_child(cmd: list[str], engine: str, workload: str, timeout: float) -> CellResult:

@@ -30,9 +30,6 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self.free_blocks)
-
     def _take(self) -> int:
         block = self.free_blocks.popleft()
         self.ref_counts[block] = 1
@@ -85,6 +82,3 @@ class BlockManager:
         self.ref_counts[shared] -= 1
         block_table[index] = private
         return shared, private
-
-    def slot(self, block_table: list[int], position: int) -> int:
-        return block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -4,8 +4,7 @@
 build.py), or None where there is none: no AVX-512, no C compiler, a failed build, or
 NEXTOK_KERNELS=0. Then every op falls back to PyTorch (ops.py). With NEXTOK_REQUIRE_KERNELS=1 a
 missing library is an error instead (CI sets it, so the kernel tests cannot skip silently).
-On CPUs with AMX, bfloat16 and int8 products of several rows use the tile unit (NEXTOK_AMX=0 keeps
-them on AVX-512).
+On CPUs with AMX, bfloat16 products use the tile unit (NEXTOK_AMX=0 keeps them on AVX-512).
 
 The kernels are pure functions of tensors: they know nothing of models. `call` runs one and turns
 its status into an exception.
@@ -98,7 +97,7 @@ def has(name: str) -> bool:
 
 
 def amx_enabled() -> bool:
-    """Whether bfloat16 and int8 products of several rows run on AMX tiles."""
+    """Whether bfloat16 products run on AMX tiles."""
     return library() is not None and _amx
 
 
