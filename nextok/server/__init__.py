@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP server on the engine: `build_app(llm)` for any ASGI server (`nextok serve` runs it)."""
+"""An OpenAI-compatible HTTP server on the engine: `build_app(llm)` for any ASGI server; `nextok serve` runs it
+on uvicorn with nextok.server.run (its HTTP protocol, connection timeouts and drain)."""
 
 from __future__ import annotations
 

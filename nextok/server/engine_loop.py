@@ -1,9 +1,13 @@
 """EngineLoop: the one thread that owns the LLMEngine; HTTP handlers talk to it through queues.
 
 Handlers submit a Job (the prompts of one HTTP request) and read its events from an asyncio
-queue: Accepted or Failed first, then Deltas while it streams, then Finished. The loop thread
-takes commands between steps, so every request in flight shares each decode step, and a
-cancelled request gives its KV blocks back before the next step.
+queue (see events.py). The loop thread takes commands between steps, so every request in flight
+shares each decode step, and a cancelled request gives its KV blocks back before the next step.
+
+Nothing poisons the loop: whatever fails for one job (adding it, publishing its output, timing it
+out) ends that job alone with a Failed event; the engine itself ends a request that fails inside a
+step alone (RequestOutput.error). Only an engine failure that no request can be blamed for fails
+every job in flight, and even then, or when the thread ends, every job gets its last event.
 """
 
 from __future__ import annotations
@@ -13,62 +17,18 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 from nextok.engine.engine import LLMEngine
+from nextok.engine.results import partial_output
 from nextok.engine.sequence import Request
-from nextok.outputs import Completion, RequestOutput
-from nextok.server.translate import Work
+from nextok.engine.streaming import releasable_end
+from nextok.outputs import Completion
+from nextok.server.events import Accepted, Delta, Event, Failed, Finished, Job, server_failure, shutting_down
+from nextok.server.translate import api_message, param_of
 
 log = logging.getLogger("nextok.server")
 
-
-@dataclass
-class Accepted:
-    """Every prompt of the job is in the engine."""
-
-
-@dataclass
-class Failed:
-    message: str
-    internal: bool = False  # the engine failed (a 500), not the request (a 400)
-
-
-@dataclass
-class Delta:
-    """New output of one completion of a streaming job."""
-
-    prompt_index: int
-    index: int  # the completion's index within its prompt
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None
-    finish_reason: str | None
-
-
-@dataclass
-class Finished:
-    outputs: list[RequestOutput]  # one per prompt, in order
-    timed_out: bool = False
-
-
-Event = Accepted | Failed | Delta | Finished
-
-
-@dataclass(eq=False)
-class Job:
-    """One HTTP request's work. `events` belongs to the event loop; the rest to the engine thread."""
-
-    work: list[Work]
-    stream: bool
-    loop: asyncio.AbstractEventLoop
-    deadline: float | None = None  # time.monotonic() after which the job ends with what it has
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    requests: list[Request] = field(default_factory=list)
-    # (prompt index, completion index) -> (characters sent, tokens sent, finished)
-    progress: dict[tuple[int, int], tuple[int, int, bool]] = field(default_factory=dict)
-    ended: bool = False  # event-loop side: Finished or Failed was read
-    released: bool = False  # event-loop side: its place in the queue was given back
+__all__ = ["Accepted", "Delta", "EngineLoop", "Failed", "Finished", "Job"]
 
 
 class EngineLoop:
@@ -83,49 +43,85 @@ class EngineLoop:
         self._outbox: list[tuple[Job, Event]] = []
         self._thread = threading.Thread(target=self._run, name="nextok-engine", daemon=True)
         self._stopping = False
+        self._lock = threading.Lock()  # guards _closed against a submit racing the thread's end
+        self._closed: Failed | None = None  # set when the thread has ended: why later jobs are refused
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Fail what is still running and end the thread."""
+        """End what is still running (503: the server is shutting down) and the thread."""
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
-        self._inbox.put(("add", job))
+        with self._lock:
+            if self._closed is None:
+                self._inbox.put(("add", job))
+                return
+            refusal = self._closed
+        _post(job.loop, [(job, refusal)])  # the thread has ended: answer at once
 
     def abort(self, job: Job) -> None:
         self._inbox.put(("abort", job))
 
+    def fail_all(self, failed: Failed) -> None:
+        """End every job in flight with `failed` (a drain that ran out); the loop goes on."""
+        self._inbox.put(("fail", failed))
+
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
-        while not self._stopping:
+        ending = shutting_down()
+        try:
+            while not self._stopping:
+                self._round()
+        except BaseException:  # not an Exception (those are handled in _round): still answer every job
+            log.exception("the engine loop stopped")
+            ending = server_failure("The engine thread stopped; see the server log.")
+        finally:
+            self._close(ending)
+
+    def _round(self) -> None:
+        try:
+            self._take_commands(block=not self.engine.has_unfinished())
+            self._expire(time.monotonic())
+            if self.engine.has_unfinished():
+                self._step()
+        except Exception:  # the last resort: an engine failure no single request can be blamed for
+            log.exception("engine loop failed; failing the requests in flight")
+            self._fail_all(server_failure("The engine failed while generating; see the server log."))
+            time.sleep(0.05)  # should the engine fail again at once, do not spin on it
+        self._flush()
+
+    def _close(self, ending: Failed) -> None:
+        """The thread ends: every job in flight or still in the inbox gets `ending`."""
+        with self._lock:
+            self._closed = ending
+        while True:
             try:
-                self._take_commands(block=not self.engine.has_unfinished())
-                self._expire(time.monotonic())
-                if self.engine.has_unfinished():
-                    self._step()
-            except Exception:  # never let the thread die: fail the work in flight, keep serving
-                log.exception("engine loop failed; failing the requests in flight")
-                self._fail_all("the engine failed while generating; see the server log")
-            self._flush()
-        self._fail_all("the server is shutting down")
+                command, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command == "add":
+                self._outbox.append((item, ending))
+        self._fail_all(ending)
         self._flush()
 
     def _take_commands(self, block: bool) -> None:
         while True:
             try:
                 # Idle: wake now and then to expire jobs whose requests finished before any step.
-                command, job = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+                command, item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             except queue.Empty:
                 return
             block = False
             if command == "add":
-                self._add(job)
+                self._add(item)
             elif command == "abort":
-                self._abort(job)
+                self._abort(item)
+            elif command == "fail":
+                self._fail_all(item)
             elif command == "stop":
                 self._stopping = True
                 return
@@ -135,10 +131,15 @@ class EngineLoop:
             for item in job.work:
                 job.requests.append(self.engine.add_request(item.prompt_token_ids, item.params, prompt=item.prompt,
                                                             stream=job.stream))
-        except (ValueError, MemoryError) as e:
-            for request in job.requests:
-                self.engine.abort(request)
-            self._outbox.append((job, Failed(str(e))))
+        except Exception as e:  # the engine is left as it was: what was added is aborted
+            self._abort_requests(job)
+            if isinstance(e, ValueError):
+                failed = Failed(_sentence(api_message(str(e))), param=_param(str(e)))
+            else:
+                log.exception("could not add a request to the engine")
+                failed = server_failure(f"The server failed to start this request ({type(e).__name__}: {e}); "
+                                        "see its log.")
+            self._outbox.append((job, failed))
             return
         self._jobs.append(job)
         self._outbox.append((job, Accepted()))
@@ -147,9 +148,26 @@ class EngineLoop:
     def _abort(self, job: Job) -> None:
         if job in self._jobs:
             self._jobs.remove(job)
-            for request in job.requests:
+            self._abort_requests(job)
+
+    def _abort_requests(self, job: Job) -> None:
+        for request in job.requests:
+            try:
                 if not request.is_finished:
                     self.engine.abort(request)
+            except Exception:
+                log.exception("could not abort request %s", request.request_id)
+
+    def _end(self, job: Job, failed: Failed) -> None:
+        """End one job with `failed`: its requests leave the engine; the other jobs go on."""
+        if job in self._jobs:
+            self._jobs.remove(job)
+        self._abort_requests(job)
+        self._outbox.append((job, failed))
+
+    def _fail_all(self, failed: Failed) -> None:
+        for job in list(self._jobs):
+            self._end(job, failed)
 
     def _step(self) -> None:
         touched = self.engine.step()
@@ -159,7 +177,21 @@ class EngineLoop:
             for job in list(self._jobs):
                 self._publish(job)
 
+    # ------------------------------------------------------------------ a job's output
     def _publish(self, job: Job) -> None:
+        """Send the job's new output; whatever fails here fails this job alone."""
+        try:
+            self._publish_job(job)
+        except Exception as e:
+            log.exception("could not send the output of a request")
+            self._end(job, server_failure(f"The server failed while sending this request's output "
+                                          f"({type(e).__name__}: {e}); see its log."))
+
+    def _publish_job(self, job: Job) -> None:
+        failed = next((r for r in job.requests if r.error is not None), None)
+        if failed is not None:  # the engine ended this request alone; the job's other prompts end with it
+            self._end(job, _engine_failure(failed))
+            return
         if job.stream:
             for i, request in enumerate(job.requests):
                 self._stream_deltas(job, i, request)
@@ -173,14 +205,13 @@ class EngineLoop:
                 for c in self.engine.output(request).outputs:
                     self._send_completion(job, prompt_index, c)
             return
-        holdback = max((len(s) for s in request.params.stop), default=1) - 1  # a stop string may still cut this
         for seq in request.finished_seqs + request.seqs:
             key = (prompt_index, seq.sample_index)
             chars, tokens, done = job.progress.get(key, (0, 0, False))
             if done:
                 continue
             finished = seq.finish_reason is not None
-            end = len(seq.text) if finished else max(chars, len(seq.text) - holdback)
+            end = releasable_end(seq, chars)
             new_tokens = seq.output_token_ids[tokens:]
             if end > chars or new_tokens or finished:
                 logprobs = seq.logprobs[tokens:tokens + len(new_tokens)] if seq.logprobs is not None else None
@@ -199,28 +230,28 @@ class EngineLoop:
 
     def _expire(self, now: float) -> None:
         for job in [j for j in self._jobs if j.deadline is not None and now >= j.deadline]:
-            outputs = []
-            for i, request in enumerate(job.requests):
-                output = self.engine.output(request) if request.is_finished else partial_output(self.engine, request)
-                if not request.is_finished:
-                    self.engine.abort(request)
-                if job.stream:
-                    for c in output.outputs:
-                        self._send_completion(job, i, c)
-                outputs.append(output)
-            self._jobs.remove(job)
-            self._outbox.append((job, Finished(outputs, timed_out=True)))
+            try:
+                self._time_out(job)
+            except Exception as e:
+                log.exception("could not end a request at its time limit")
+                self._end(job, server_failure(f"The server failed to end this request at its time limit "
+                                              f"({type(e).__name__}: {e}); see its log."))
 
-    def _fail_all(self, message: str) -> None:
-        for job in self._jobs:
-            for request in job.requests:
-                try:
-                    if not request.is_finished:
-                        self.engine.abort(request)
-                except Exception:
-                    log.exception("could not abort request %s", request.request_id)
-            self._outbox.append((job, Failed(message, internal=True)))
-        self._jobs.clear()
+    def _time_out(self, job: Job) -> None:
+        """End the job with what it has: every unfinished completion with finish_reason "timeout"."""
+        outputs = []
+        for i, request in enumerate(job.requests):
+            if request.is_finished:
+                output = self.engine.output(request)
+            else:
+                output = partial_output(request, self.engine.tokenizer, "timeout")
+                self.engine.abort(request)
+            if job.stream:
+                for c in output.outputs:
+                    self._send_completion(job, i, c)
+            outputs.append(output)
+        self._jobs.remove(job)
+        self._outbox.append((job, Finished(outputs, timed_out=True)))
 
     def _flush(self) -> None:
         """Hand this round's events to their event loops, one call per loop."""
@@ -231,10 +262,14 @@ class EngineLoop:
             by_loop.setdefault(job.loop, []).append((job, event))
         self._outbox = []
         for loop, events in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, events)
-            except RuntimeError:  # that loop has closed: nobody is listening any more
-                pass
+            _post(loop, events)
+
+
+def _post(loop: asyncio.AbstractEventLoop, events: list[tuple[Job, Event]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_deliver, events)
+    except RuntimeError:  # that loop has closed: nobody is listening any more
+        pass
 
 
 def _deliver(events: list[tuple[Job, Event]]) -> None:
@@ -242,21 +277,22 @@ def _deliver(events: list[tuple[Job, Event]]) -> None:
         job.events.put_nowait(event)
 
 
-def partial_output(engine: LLMEngine, request: Request) -> RequestOutput:
-    """What an unfinished request has so far, every completion ending with finish_reason "length"."""
-    output = engine.output(request)
-    if request.beam is not None and not output.outputs:  # beams not ranked yet: the live beams, best first
-        beams = sorted(request.seqs, key=lambda s: s.cumulative_logprob, reverse=True)
-        decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
-        output.outputs = [Completion(index=i, text=decode(s.output_token_ids), token_ids=s.output_token_ids,
-                                     finish_reason="length", score=s.cumulative_logprob)
-                          for i, s in enumerate(beams[:request.params.num_return_sequences])]
-    have = {c.index for c in output.outputs}
-    for i in range(request.params.num_return_sequences):
-        if i not in have:  # not expanded into its samples yet
-            output.outputs.append(Completion(index=i, text="", token_ids=[], finish_reason="length"))
-    for c in output.outputs:
-        c.finish_reason = c.finish_reason or "length"
-    output.outputs.sort(key=lambda c: c.index)
-    output.finished = True
-    return output
+def _engine_failure(request: Request) -> Failed:
+    """The answer to a request the engine ended with an error: 400 when its parameters caused it, else 500."""
+    message = request.error or "the request failed"
+    if request.error_type == "invalid_request_error":
+        return Failed(_sentence(api_message(message)), param=_param(message))
+    return server_failure(f"The engine failed on this request ({message}); see the server log.")
+
+
+def _param(message: str) -> str | None:
+    """The request field an engine's ValueError is about, where its message names one."""
+    if message.lower().startswith(("prompt", "the prompt")):
+        return "prompt"
+    return param_of(message)
+
+
+def _sentence(message: str) -> str:
+    message = message.strip() or "the request is invalid"
+    message = message[:1].upper() + message[1:]
+    return message if message.endswith((".", "!", "?", ")")) else message + "."

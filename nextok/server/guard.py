@@ -1,7 +1,9 @@
-"""GuardMiddleware: the API key and the body-size limit, checked before a request reaches the app."""
+"""GuardMiddleware: the API key, the body-size limit and the body's time limit, checked before a request
+reaches the app."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
@@ -10,12 +12,14 @@ from nextok.server.errors import ApiError
 
 class GuardMiddleware:
     """ASGI middleware: 401 without the right `Authorization: Bearer KEY` on /v1 routes; 413 for a body
-    over max_body_bytes (told by Content-Length, or counted while a chunked body arrives)."""
+    over max_body_bytes (told by Content-Length, or counted while a chunked body arrives); 408 for a body
+    that has not all arrived body_timeout seconds after the headers (a client that sent half and stopped)."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout: float | None = None) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -60,6 +64,13 @@ class GuardMiddleware:
                         code="request_too_large")
 
     async def _read_body(self, receive) -> tuple[bytes, ApiError | None]:
+        try:
+            return await asyncio.wait_for(self._read_chunks(receive), self.body_timeout)
+        except asyncio.TimeoutError:
+            return b"", ApiError(408, f"The request body did not arrive within {self.body_timeout:g} s; send it "
+                                      "whole, and make Content-Length match its size.", code="request_timeout")
+
+    async def _read_chunks(self, receive) -> tuple[bytes, ApiError | None]:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -91,7 +102,7 @@ async def _send_error(send, error: ApiError) -> None:
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    if error.status == 413:
+    if error.status in (408, 413):
         headers.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -7,12 +7,21 @@ document them in the schema.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 Prompt = str | list[str] | list[int] | list[list[int]]
-Stop = str | list[str] | None
+# A stop string is held back from a stream until it cannot match, and each one is checked at every
+# token: bounded, so one request cannot stall the others' steps or hold its whole text back.
+MAX_STOPS = 64
+MAX_STOP_CHARS = 1000
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None
+# How a choice ended: "timeout" when the server's time limit cut it. A request that fails is answered
+# with an error object (a stream: an error chunk), never with a choice.
+FinishReason = Literal["stop", "length", "timeout"]
 
 
 class ErrorDetail(BaseModel):
@@ -65,6 +74,12 @@ class SamplingFields(NextokFields):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, body: Any) -> Any:
+        check_unicode(body)
+        return body
+
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(description="text, a list of texts, token ids, or a list of token id lists")
@@ -104,7 +119,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -139,7 +154,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -172,3 +187,48 @@ class Health(BaseModel):
     kv_blocks_total: int
     steps: int
     peak_batch: int
+
+
+# ---------------------------------------------------------------------- text that is not Unicode
+def check_unicode(body: Any) -> None:
+    """Refuse a body holding a lone surrogate anywhere (a value or a key), such as the escaped "\\ud800":
+    JSON can write one but UTF-8 cannot, so the tokenizer and every response would fail on it.
+
+    Raises PydanticCustomError "invalid_unicode", whose context names the field (a 400 for the app).
+    Iterative, so a deeply nested body cannot exhaust the stack.
+    """
+    stack: list[tuple[tuple, Any]] = [((), body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    _check_text(key, path, "a key in ")
+                stack.append((path + (key,), item))
+        elif isinstance(value, list):
+            stack.extend((path + (i,), item) for i, item in enumerate(value) if isinstance(item, (str, dict, list)))
+
+
+def _check_text(text: str, path: tuple, what: str = "") -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        param = field_name(path)
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "{what}{param}: the text holds a lone surrogate ({char} at character {position}), which is not valid "
+            "Unicode; send UTF-8 text (an escaped surrogate such as \\ud83d must be followed by its pair)",
+            {"what": what, "param": param, "char": f"\\u{ord(text[e.start]):04x}", "position": e.start},
+        ) from None
+
+
+def field_name(path: tuple) -> str:
+    """A location in the body as a client writes it: messages[0].content."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
 
 from nextok.outputs import RequestOutput
-from nextok.server.engine_loop import Delta
+from nextok.server.errors import json_bytes
+from nextok.server.events import Delta
 
 
-def sse(data: dict | str) -> str:
-    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {body}\n\n"
+def sse(data: dict | str) -> bytes:
+    """One server-sent event: `data: JSON` (or `data: [DONE]`) and a blank line."""
+    body = data.encode() if isinstance(data, str) else json_bytes(data)
+    return b"data: " + body + b"\n\n"
 
 
 def usage(outputs: list[RequestOutput]) -> dict:

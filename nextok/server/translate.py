@@ -166,18 +166,20 @@ def sampling_params(body: SamplingFields, prompt_token_ids: list[int], model: Se
                               num_return_sequences=n, stop=stop, stop_token_ids=stop_ids, logprobs=logprobs,
                               **values)
     except ValueError as e:
-        raise bad_request(_api_message(str(e)), param=_param_of(str(e))) from None
+        raise bad_request(api_message(str(e)), param=param_of(str(e))) from None
 
 
-def _param_of(message: str) -> str | None:
-    match = re.match(r"SamplingParams\.(\w+)=", message)
+def param_of(message: str) -> str | None:
+    """The request field a SamplingParams error is about (as the client named it), or None."""
+    match = re.match(r"SamplingParams\.(\w+)\b", message)
     if match is None:
         return None
     name = match.group(1)
     return _PARAM_NAMES.get(name, name)
 
 
-def _api_message(message: str) -> str:
+def api_message(message: str) -> str:
+    """A SamplingParams error in the request's own words: `max_tokens: SamplingParams.max_new_tokens=...`."""
     for internal, public in _PARAM_NAMES.items():
         message = message.replace(f"SamplingParams.{internal}=", f"{public}: SamplingParams.{internal}=")
     if "greedy decoding gives one sequence" in message:

@@ -12,26 +12,26 @@ import pytest
 
 
 class LiveServer:
-    """uvicorn serving build_app(llm) on a free 127.0.0.1 port, in a background thread.
+    """build_app(llm) on a free 127.0.0.1 port, in a background thread, run by the same uvicorn Config
+    and Server classes as `nextok serve` (nextok.server.run), so the tests cover its protocol and drain.
 
     `llm` then belongs to the server's engine thread: tests compute expected outputs with another
     LLM of the same weights (the `tiny_llm` fixture), never by calling this one.
     """
 
     def __init__(self, llm, settings) -> None:
-        import uvicorn
-
         from nextok.server.app import build_app
+        from nextok.server.run import NextokServer, uvicorn_config
 
         self.llm = llm
+        self.settings = settings
         self.app = build_app(llm, settings)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.server = NextokServer(uvicorn_config(self.app, settings, port=self.port))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def start(self) -> LiveServer:
@@ -43,9 +43,10 @@ class LiveServer:
             time.sleep(0.02)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> None:
+        """Shut down as on SIGTERM: drain, then stop."""
         self.server.should_exit = True
-        self._thread.join(15)
+        self._thread.join(timeout)
 
     def client(self, api_key: str = "unused", **kwargs):
         import openai
@@ -76,6 +77,7 @@ def live_server(model_dir, **settings) -> Iterator[LiveServer]:
     from nextok.server.settings import ServerSettings
 
     llm = LLM(str(model_dir), dtype="float32", kv_cache_memory=64 << 20)
+    settings.setdefault("drain_timeout", 5.0)  # a test that leaves a stream open does not hold the session
     server = LiveServer(llm, ServerSettings(**settings)).start()
     try:
         yield server

@@ -243,9 +243,9 @@ def test_n_too_large(client, model_id):
     (dict(n=2, temperature=0), "n"),  # greedy gives one sequence
     (dict(extra_body={"num_beams": 2, "min_tokens": 9}), "min_tokens"),  # min_tokens > max_tokens
     (dict(n=3, extra_body={"num_beams": 2}), "n"),  # more results than beams
-    (dict(stop=["x"], extra_body={"num_beams": 2}), None),  # stop strings with beam search
+    (dict(stop=["x"], extra_body={"num_beams": 2}), "stop"),  # stop strings with beam search
     (dict(stop=[""]), "stop"),
-    (dict(prompt=[[10**9]]), None),  # token id outside the vocabulary
+    (dict(prompt=[[10**9]]), "prompt"),  # token id outside the vocabulary
 ])
 def test_invalid_combinations(client, model_id, kwargs, param):
     kwargs = {"prompt": PROMPT, "max_tokens": 4, **kwargs}
@@ -263,3 +263,13 @@ def test_top_logprobs_needs_logprobs(client, model_id):
 def test_errors_leave_nothing_behind(server):
     health = server.wait_idle(0)
     assert health["pending_requests"] == 0 and health["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", b'{"prompt": "ab", "stop": ["x", "\\udfff"], "max_tokens": 2}', "stop[1]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(server, path, body, param):
+    error = _error(post(server, path, content=body, headers={"content-type": "application/json"}), 400)
+    assert error["code"] == "invalid_unicode" and error["param"] == param and "surrogate" in error["message"]

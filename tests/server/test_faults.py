@@ -65,11 +65,11 @@ def test_time_limit_ends_cleanly(strict_server, stream):
         chunks = list(client.completions.create(model=model, prompt="Once upon a time", stream=True,
                                                 stream_options={"include_usage": True}, **LONG))
         finish = [c.choices[0].finish_reason for c in chunks if c.choices]
-        assert finish[-1] == "length" and all(f is None for f in finish[:-1])
+        assert finish[-1] == "timeout" and all(f is None for f in finish[:-1])
         tokens = chunks[-1].usage.completion_tokens
     else:
         result = client.completions.create(model=model, prompt="Once upon a time", **LONG)
-        assert result.choices[0].finish_reason == "length" and result.choices[0].text
+        assert result.choices[0].finish_reason == "timeout" and result.choices[0].text
         tokens = result.usage.completion_tokens
     assert time.monotonic() - started < STRICT["request_timeout"] + 2
     assert 0 < tokens < LONG_TOKENS
@@ -83,7 +83,7 @@ def test_time_limit_beam_search_returns_best_so_far(strict_server):
     result = client.completions.create(model=model, prompt="Once upon a time", max_tokens=LONG_TOKENS, temperature=0, n=2,
                                        extra_body={"num_beams": 4, "min_tokens": LONG_TOKENS})
     assert [c.index for c in result.choices] == [0, 1]
-    assert all(c.finish_reason == "length" and c.text for c in result.choices)
+    assert all(c.finish_reason == "timeout" and c.text for c in result.choices)
     assert strict_server.wait_idle(0)["kv_blocks_used"] == 0
 
 
