@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nextok.batch.files import is_parquet, records_to_table
+from nextok.batch.files import is_parquet
 from nextok.batch.job import run_items
+from nextok.batch.parquet import records_to_table
 from nextok.batch.records import to_json_line
 from nextok.batch.requests import parse_line, prepare
 from nextok.params import SamplingParams

@@ -33,6 +33,7 @@ class BatchItem:
     params: SamplingParams | None = None
     model: str | None = None
     error: tuple[str, str] | None = None  # (code, message)
+    input_hash: str | None = None  # of the line's content (and the job's flags): a rerun sees a changed line
     raw: dict | None = field(default=None, repr=False)  # the parsed line, until prepare() builds the request
 
 
@@ -44,8 +45,27 @@ def _where(line: int | None) -> str:
     return f"line {line}" if line is not None else "a line"
 
 
-def parse_line(raw: bytes | str | dict, line: int | None, seen: set[str] | None = None) -> BatchItem:
-    """Identify one input line (cheap: no tokenizing); `seen` collects keys to catch duplicate ids."""
+def input_hash(raw: bytes | str | dict, salt: str = "") -> str:
+    """A short hash of a line's content (a Parquet row: its non-null fields), and of `salt` (the job's flags)."""
+    if isinstance(raw, dict):
+        data = json.dumps({k: v for k, v in raw.items() if v is not None}, sort_keys=True, ensure_ascii=False,
+                          default=str).encode()
+    else:
+        data = (raw.encode() if isinstance(raw, str) else bytes(raw)).strip()
+    return hashlib.sha256(salt.encode() + b"\0" + data).hexdigest()[:16]
+
+
+def parse_line(raw: bytes | str | dict, line: int | None, seen: set[str] | None = None, salt: str = "") -> BatchItem:
+    """Identify one input line (cheap: no tokenizing); `seen` collects keys to catch duplicate ids.
+
+    The item carries `input_hash(raw, salt)`, which error records keep.
+    """
+    item = _parse(raw, line, seen)
+    item.input_hash = input_hash(raw, salt)
+    return item
+
+
+def _parse(raw: bytes | str | dict, line: int | None, seen: set[str] | None) -> BatchItem:
     if isinstance(raw, dict):
         obj = {k: v for k, v in raw.items() if v is not None}  # Parquet rows: absent columns are null
     else:

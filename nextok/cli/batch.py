@@ -14,10 +14,20 @@ def register_batch_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch", help="generate for every line of a JSONL / Parquet file; resumable",
         description="Generate for every request of INPUT (JSONL or Parquet; nextok's form or the OpenAI batch "
-                    "form) and write one result per request to OUTPUT, keyed by id, as requests finish. Rerun the "
-                    "same command after a crash to finish the rest. Flags set defaults that each line may override. "
-                    "A request without a seed is seeded from its id, so sampled results are the same whether the "
-                    "job ran in one go or was resumed.")
+                    "form, mixed or not) and write one record per request to OUTPUT, keyed by id, as requests "
+                    "finish. Rerun the same command after a crash to finish the rest. Flags set defaults that each "
+                    "line may override. A request without a seed is seeded from its id, so sampled results are the "
+                    "same whether the job ran in one go or was resumed. A line that is invalid, or that fails in "
+                    "the engine, becomes an error record and the job goes on (exit status 0; the summary counts "
+                    "errors by code).",
+        epilog="Rerun rule: results are kept. Error records of lines that failed in the engine (server_error) "
+               "are retried. Error records of invalid lines (invalid_json, missing_id, duplicate_id, "
+               "missing_prompt, invalid_parameter, invalid_request) are kept while the line is unchanged: "
+               "each keeps a hash of its line (and of the sampling flags), so once you fix the line in INPUT "
+               "the rerun runs it again and its new record replaces the old one; error records whose line is "
+               "no longer in INPUT are dropped. OUTPUT ends with exactly one record per id (a later line "
+               "repeating an id gets a duplicate_id record of its own). A kill at any point, the Parquet finish "
+               "included, loses no finished record. (--ray jobs are not resumable.)")
     p.add_argument("input", help="JSONL or .parquet file (with --ray: any path or folder Ray Data reads)")
     p.add_argument("output", help="JSONL or .parquet file (with --ray: a folder)")
     p.add_argument("--max-in-flight", type=int, default=256, help="requests in the engine at once (default: 256)")
