@@ -69,7 +69,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="HF model folder or .gguf file (default: $NEXTOK_MODEL or SmolLM2-135M-Instruct)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
-                       help="weights dtype: float32 is exact, auto picks the fastest this machine runs well")
+                       help="weights dtype: float32 is exact; auto: bfloat16 on a GPU or where AMX runs it, else float32")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: from free memory)")
     group.add_argument("--compile", action="store_true",

@@ -51,14 +51,25 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
                     cache_dir: Path | None = None) -> Checkpoint:
-    """Load an HF model folder or a GGUF file (converted once, then read from `cache_dir`)."""
+    """Load an HF model folder or a GGUF file (converted once, then read from `cache_dir`).
+
+    Any problem with the files is a ModelLoadError naming the path and the problem in one line, whatever
+    the library underneath raised (a damaged file fails in numpy, struct, safetensors or json in many ways).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
-    if path.is_dir():
-        return _load_hf_folder(path, dtype)
-    if path.suffix.lower() == ".gguf" or _magic(path) == b"GGUF":
-        return _load_gguf(path, dtype, Path(cache_dir) if cache_dir else default_cache_dir())
+    try:
+        if path.is_dir():
+            return _load_hf_folder(path, dtype)
+        if path.suffix.lower() == ".gguf" or _magic(path) == b"GGUF":
+            return _load_gguf(path, dtype, Path(cache_dir) if cache_dir else default_cache_dir())
+    except ModelLoadError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot load it ({type(e).__name__}: {_one_line(e)})") from e
     raise ModelLoadError(f"{path}: neither a GGUF file nor a Hugging Face model folder (config.json + weights)")
 
 

@@ -239,3 +239,20 @@ def test_error_file_that_is_neither(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello")
     assert_load_error(path, "neither a GGUF file nor a Hugging Face model folder")
+
+
+def test_any_other_failure_in_a_library_is_one_line_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """A damaged file can fail deep in numpy, struct or safetensors with any exception: it still ends as
+    one ModelLoadError line with the path, not a traceback."""
+    import struct
+
+    from nextok.models import gguf as gguf_module
+
+    path = tmp_path / "tiny.gguf"
+    llama_to_gguf(tiny_llama(), path, Q.Q8_0)
+
+    def broken(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(gguf_module, "gguf_state_dict", broken)
+    assert_load_error(path, "cannot load it", "error: unpack requires a buffer of 4 bytes", cache_dir=tmp_path / "c")
