@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nextok.engine.scheduler import ScheduledBatch
-from nextok.kernels.fused import FusedDecoder, fused_key
+from nextok.kernels.fused import FusedDecoder
 from nextok.models.attention import AttentionMetadata, LayerKV
 
 
@@ -25,7 +25,7 @@ class ModelRunner:
         self.kv_storage = torch.zeros((2, layers, num_blocks, block_size, n_kv, head_dim), dtype=kv_dtype,
                                       device=self.device)
         self.kv_caches: list[LayerKV] = [(self.kv_storage[0, i], self.kv_storage[1, i]) for i in range(layers)]
-        self._fused: FusedDecoder | None = None
+        self._fused: tuple | None = None  # (the weights and caches it was built for, the decoder)
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -54,15 +54,17 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def fused_decoder(self) -> FusedDecoder | None:
-        """The one-call step for this model and cache where the kernels run it (rebuilt when any tensor
-        it reads changed: a model moved or requantized after the engine was made)."""
+        """The one-call step for this model and cache where the kernels run it, rebuilt when the model
+        describes its weights anew (moved or requantized after the engine was made) or the cache changed.
+        The decoder holds every tensor it reads, so it never reads freed memory."""
         describe = getattr(self.model, "decoder_weights", None)
         weights = describe() if describe is not None else None
         if weights is None:
             return None
-        if self._fused is None or self._fused.key != fused_key(weights, self.kv_caches):
-            self._fused = FusedDecoder.build(weights, self.kv_caches)
-        return self._fused
+        cached = self._fused
+        if cached is None or cached[0] is not weights or cached[1] is not self.kv_caches:
+            cached = self._fused = (weights, self.kv_caches, FusedDecoder.build(weights, self.kv_caches))
+        return cached[2]
 
     def _prepare(self, batch: ScheduledBatch):
         """The packed tokens of the step, their positions, the attention metadata (slots included), and

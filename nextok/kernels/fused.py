@@ -7,8 +7,9 @@ ctypes structures) and then runs the layers with one call per step. It computes 
 per-op path computes, with the same kernels in the same order.
 
 It knows tensors, not models: a model describes its layers as `DecoderWeights` (llama.py does), and
-the engine's runner decides whether a step runs here. A decoder is tied to the tensors it was built
-from: `key` names them all, and the runner builds a new one when any of them changed.
+the engine's runner decides whether a step runs here. A decoder holds every tensor it was built from
+(the weights and the caches), so the memory it reads stays valid as long as it lives; the runner
+builds a new one when the model describes its weights anew.
 """
 
 from __future__ import annotations
@@ -84,19 +85,13 @@ def _linear(w: LinearWeights) -> _Linear:
                    0 if w.scale is not None else block_format(w.packed))
 
 
-def fused_key(weights: DecoderWeights, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
-    """Names every tensor a decoder reads, by address, shape and dtype (a freed tensor's address may be reused)."""
-    tensors = [*weights.tensors(), *(t for kv in kv_caches for t in kv)]
-    return tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors)
-
-
 class FusedDecoder:
     """Runs steps of the described decoder over its paged KV cache, one kernel call each."""
 
     def __init__(self, weights: DecoderWeights, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  dtype: torch.dtype) -> None:
         self.weights, self.dtype = weights, dtype
-        self.key = fused_key(weights, kv_caches)
+        self.kv_caches = list(kv_caches)  # held, with the weights: the pointers below stay valid
         self.layers = (_Layer * len(weights.layers))(*(
             _Layer(layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), _linear(layer.qkv), _linear(layer.o),
                    _linear(layer.gate_up), _linear(layer.down), k.data_ptr(), v.data_ptr())

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from nextok.kernels import ops
 from nextok.kernels.fused import DecoderLayerWeights, DecoderWeights
@@ -217,6 +218,24 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+class _WeightChanges:
+    """Counts every event that may swap a model's weight tensors: a module, parameter or buffer set
+    anywhere in the process (global registration hooks: a requantized or replaced layer), and any
+    Llama model's `.to()` / `.float()` / ... (its `_apply`). `decoder_weights` is rebuilt when it moved."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *args: Any) -> None:
+        cls.count += 1
+
+
+for _register in (nn_module.register_module_module_registration_hook,
+                  nn_module.register_module_parameter_registration_hook,
+                  nn_module.register_module_buffer_registration_hook):
+    _register(_WeightChanges.bump)
+
+
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids, positions, kv_caches, attn_meta) -> hidden; compute_logits(hidden) -> logits."""
 
@@ -273,9 +292,23 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions)
         return self.model.embed_tokens(input_ids), cos, sin
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: the weight tensors may be new ones
+        result = super()._apply(fn, *args, **kwargs)
+        _WeightChanges.bump()
+        return result
+
     def decoder_weights(self) -> DecoderWeights | None:
         """The decoder layers as the fused kernel step reads them, or None where it cannot (compiled
-        stages, unfused or unpacked projections)."""
+        stages, unfused or unpacked projections). The same object until the weights may have changed,
+        so that a step checks it at the cost of one comparison."""
+        cached = self.__dict__.get("_decoder_weights")
+        if cached is not None and cached[0] == (_WeightChanges.count, self._stages):
+            return cached[1]
+        weights = self._describe_decoder()
+        self.__dict__["_decoder_weights"] = ((_WeightChanges.count, self._stages), weights)
+        return weights
+
+    def _describe_decoder(self) -> DecoderWeights | None:
         if self._stages[0] is not LlamaDecoderLayer.attention_inputs:
             return None
         layers = []
