@@ -10,6 +10,10 @@ import json
 from nextok.server.errors import ApiError
 
 
+DRAIN_BYTES = 64 << 20  # of a refused body, read and dropped before the 413 ...
+DRAIN_SECONDS = 5.0  # ... or for this long at most
+
+
 class GuardMiddleware:
     """ASGI middleware: 401 without the right `Authorization: Bearer KEY` on /v1 routes; 413 for a body
     over max_body_bytes (told by Content-Length, or counted while a chunked body arrives); 408 for a body
@@ -39,6 +43,7 @@ class GuardMiddleware:
                 await _send_error(send, ApiError(400, "The Content-Length header is not a number."))
                 return
             if size > self.max_body_bytes:
+                await self._discard_body(receive)
                 await _send_error(send, self._too_large(size))
                 return
         if scope["method"] in ("POST", "PUT", "PATCH"):
@@ -63,6 +68,25 @@ class GuardMiddleware:
         return ApiError(413, f"The request body{told} is over this server's limit of {self.max_body_bytes} bytes.",
                         code="request_too_large")
 
+    async def _discard_body(self, receive) -> None:
+        """Read and drop what a client sends of a body that will be refused, up to DRAIN_BYTES or
+        DRAIN_SECONDS: a client writes its whole body before it reads the answer, and closing while
+        it still writes would reset its connection instead of giving it the 413."""
+        received = 0
+
+        async def drain() -> None:
+            nonlocal received
+            while received < DRAIN_BYTES:
+                message = await receive()
+                received += len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+
+        try:
+            await asyncio.wait_for(drain(), DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+
     async def _read_body(self, receive) -> tuple[bytes, ApiError | None]:
         try:
             return await asyncio.wait_for(self._read_chunks(receive), self.body_timeout)
@@ -79,6 +103,8 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
+                if message.get("more_body", False):
+                    await self._discard_body(receive)
                 return b"", self._too_large(None)
             chunks.append(chunk)
             if not message.get("more_body", False):
