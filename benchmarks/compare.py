@@ -75,8 +75,9 @@ def llama_cpp_runner(dtype: str, w: Workload, model_path: str | None) -> Runner:
     probe = LlamaCppBatched(path, n_ctx=512, n_seq=1)
     prompts = [probe.tokenize(p) for p in w.prompts]
     probe.close()
-    n_ctx = sum(len(p) for p in prompts) + sum(w.max_new_tokens) + 64
-    llm = LlamaCppBatched(path, n_ctx=n_ctx, n_seq=len(prompts))
+    # One KV stream per sequence (llama-server's parallel slots), each long enough for the longest one.
+    longest = max(len(p) + m for p, m in zip(prompts, w.max_new_tokens)) + 16
+    llm = LlamaCppBatched(path, n_ctx=longest * len(prompts), n_seq=len(prompts), unified=len(prompts) == 1)
 
     def run(max_new: list[int]) -> None:
         llm.generate(prompts, max_new, sample=w.do_sample, top_k=TOP_K, seeds=list(range(len(prompts))))

@@ -16,7 +16,7 @@ import llama_cpp as L
 
 class LlamaCppBatched:
     def __init__(self, model_path: str, n_ctx: int, n_seq: int, n_batch: int = 512,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, unified: bool = True) -> None:
         L.llama_backend_init()
         model_params = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(str(model_path).encode(), model_params)
@@ -25,7 +25,7 @@ class LlamaCppBatched:
         params = L.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
         params.n_seq_max = n_seq
-        params.kv_unified = True  # one KV cache shared by the sequences, sized n_ctx in all
+        params.kv_unified = unified  # one KV cache shared by the sequences, or n_ctx / n_seq for each
         params.n_threads = params.n_threads_batch = n_threads or os.cpu_count() or 1
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -65,18 +65,15 @@ class LlamaCppBatched:
         return chain
 
     def prefill(self, prompts: list[list[int]]) -> list[int]:
-        """Decode every prompt (sequence i = prompt i) in batches of n_batch tokens; the batch rows of
-        each prompt's last token, whose logits choose its first new token."""
+        """Decode every prompt (sequence i = prompt i) in batches of n_batch tokens, their last tokens
+        together in the final batch (llama.cpp keeps only the last batch's logits); returns the rows of
+        that batch whose logits choose each prompt's first new token."""
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        entries = [(t, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, t in enumerate(p)]
-        last_rows = [0] * len(prompts)
+        entries = [(t, pos, seq, False) for seq, p in enumerate(prompts) for pos, t in enumerate(p[:-1])]
         for start in range(0, len(entries), self.n_batch):
-            chunk = entries[start:start + self.n_batch]
-            self._decode(chunk)
-            for row, (_, _, seq, wants) in enumerate(chunk):
-                if wants:
-                    last_rows[seq] = row
-        return last_rows
+            self._decode(entries[start:start + self.n_batch])
+        self._decode([(p[-1], len(p) - 1, seq, True) for seq, p in enumerate(prompts)])
+        return list(range(len(prompts)))
 
     def generate(self, prompts: list[list[int]], max_new: list[int], sample: bool, top_k: int = 50,
                  seeds: list[int] | None = None) -> list[list[int]]:
