@@ -29,10 +29,21 @@ ALWAYS_INLINE __m512 sum_lanes16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
 }
 
-// Where key or value l of kv head g lies in the cache (element offset), through the block table.
-ALWAYS_INLINE int64_t cache_row(const int64_t* table, int64_t l, int64_t g, int64_t Hkv, int64_t D,
-                                int64_t block_size) {
-  return (table[l / block_size] * block_size + l % block_size) * Hkv * D + g * D;
+// Walks a sequence's keys (values) in order through its block table, without a division per key.
+typedef struct {
+  const int64_t* table;
+  int64_t block, offset, block_size, row, head;  // row: elements per cache slot; head: kv head g's offset
+} CacheCursor;
+
+ALWAYS_INLINE CacheCursor cache_cursor(const int64_t* table, int64_t g, int64_t Hkv, int64_t D, int64_t block_size) {
+  return (CacheCursor){table, 0, 0, block_size, Hkv * D, g * D};
+}
+
+// The element offset of the cursor's key, then the cursor moves to the next one.
+ALWAYS_INLINE int64_t cache_next(CacheCursor* c) {
+  int64_t at = (c->table[c->block] * c->block_size + c->offset) * c->row + c->head;
+  if (++c->offset == c->block_size) c->block++, c->offset = 0;
+  return at;
 }
 
 // Scores of query heads h0 .. h0 + GS against keys l0 .. l0 + 15 (those below L), scaled, into
@@ -86,8 +97,9 @@ ALWAYS_INLINE void attend_block(const void* q, int64_t q_stride, const void* k_c
   float* scores = scratch;  // [b][hq][padded]
   __m512* acc_out = (__m512*)(scratch + QUERY_BLOCK * ATTN_HEADS * padded);  // [b][16]
   int64_t rows[VALUE_TILE];
+  CacheCursor keys = cache_cursor(table, g, Hkv, D, block_size);
   for (int64_t l0 = 0; l0 < Lmax; l0 += KEY_TILE) {
-    for (int i = 0; i < KEY_TILE; i++) rows[i] = l0 + i < Lmax ? cache_row(table, l0 + i, g, Hkv, D, block_size) : 0;
+    for (int i = 0; i < KEY_TILE; i++) rows[i] = l0 + i < Lmax ? cache_next(&keys) : 0;
     for (int b = 0; b < QB; b++) {
       if (l0 >= L[b]) continue;
       __m512 qv[16];
@@ -100,9 +112,10 @@ ALWAYS_INLINE void attend_block(const void* q, int64_t q_stride, const void* k_c
   float total[QUERY_BLOCK][ATTN_HEADS];
   for (int b = 0; b < QB; b++)
     for (int hq = 0; hq < GS; hq++) total[b][hq] = softmax_row(scores + (b * ATTN_HEADS + hq) * padded, L[b]);
+  CacheCursor values = cache_cursor(table, g, Hkv, D, block_size);
   for (int64_t l0 = 0; l0 < Lmax; l0 += VALUE_TILE) {
     int64_t l1 = l0 + VALUE_TILE < Lmax ? l0 + VALUE_TILE : Lmax;
-    for (int64_t l = l0; l < l1; l++) rows[l - l0] = cache_row(table, l, g, Hkv, D, block_size);
+    for (int64_t l = l0; l < l1; l++) rows[l - l0] = cache_next(&values);
     for (int b = 0; b < QB; b++) {
       if (l0 >= L[b]) continue;
       __m512 o[16];
