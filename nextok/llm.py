@@ -11,7 +11,6 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -21,12 +20,13 @@ from nextok.chat import chat_prompt
 from nextok.engine.engine import LLMEngine
 from nextok.engine.sequence import Request
 from nextok.engine.streaming import releasable_end
+from nextok.models.hub import resolve_model
+from nextok.models.linear import keeps_blocks
 from nextok.models.loader import Checkpoint, load_checkpoint
 from nextok.models.quantize import quantize_int8
 from nextok.models.registry import build_model
 from nextok.outputs import RequestOutput
 from nextok.params import SamplingParams
-from nextok.paths import default_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": "int8"}
 
@@ -37,7 +37,9 @@ class LLM:
     >>> llm = LLM()                                   # the embedded default model
     >>> llm.generate("I enjoy walking with my cute dog", SamplingParams(max_new_tokens=20))
 
-    model: an HF model folder, a .gguf file, or None for $NEXTOK_MODEL / the default model.
+    model: an HF model folder, a .gguf file, a Hugging Face Hub id ("org/name", "org/name/file.gguf"; a
+    local path that exists wins), or None for $NEXTOK_MODEL / the default model. revision: the Hub
+    branch, tag or commit; gguf_file: a GGUF inside the Hub repository (see nextok/models/hub.py).
     dtype: "float32" (exact), "bfloat16", "float16", "int8" (weight-only) or "auto" (bfloat16 on a
     GPU or a CPU with AMX, else float32: without AMX, bfloat16 products are nextok's slowest).
     kv_cache_memory: bytes for the KV cache (default: sized from free memory).
@@ -57,14 +59,18 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 512,
         compile: bool = False,
+        revision: str | None = None,
+        gguf_file: str | None = None,
     ) -> None:
         if dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype={dtype!r} is not supported: use one of auto, {', '.join(DTYPES)}")
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        path = Path(model) if model is not None else default_model_path()
-        checkpoint: Checkpoint = load_checkpoint(path)
-        self.model_path = path
+        source = resolve_model(model, revision=revision, gguf_file=gguf_file)
+        # where the kernels run the model, a GGUF's quantized weights go from the file to their packed blocks
+        checkpoint: Checkpoint = load_checkpoint(source.path, blocks=keeps_blocks(self.dtype, self.device))
+        self.model_path = source.path
+        self.model_name = source.name  # the Hub id for Hub models, else the file's stem or the folder's name
         self.config = checkpoint.config
         self.generation_config = checkpoint.generation_config
         self.tokenizer = checkpoint.tokenizer
@@ -90,10 +96,6 @@ class LLM:
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             device=self.device,
         )
-
-    @property
-    def model_name(self) -> str:
-        return self.model_path.stem if self.model_path.suffix == ".gguf" else self.model_path.name
 
     # ------------------------------------------------------------------ generation
     def generate(

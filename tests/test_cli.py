@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ import pytest
 from nextok.cli import main
 
 
-def nextok(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def nextok(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nextok.cli", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 STRATEGIES = {
@@ -76,6 +77,21 @@ def test_missing_model_is_one_line_exit_2(tmp_path):
     out = nextok("generate", "Hi", "--model", str(tmp_path / "nowhere"))
     assert out.returncode == 2 and "nowhere" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_hub_id_runs_offline_from_the_hub_cache(tiny_model_dir, tmp_path):
+    from tests.models.hub_cache import model_files, write_hub_repo
+
+    write_hub_repo(tmp_path / "hub", "org/tiny", model_files(tiny_model_dir), "c" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["generate", "I enjoy walking", "--max-new-tokens", "4", "--json", "--dtype", "float32"]
+    out = nextok(*args, "--model", "org/tiny", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == nextok(*args, "--model", str(tiny_model_dir)).stdout  # the same model as the folder
+    missing = nextok(*args, "--model", "org/missing", "--revision", "v1", env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert "org/missing (revision v1)" in missing.stderr and "hf download org/missing --revision v1" in missing.stderr
 
 
 def test_unknown_flag_is_refused(tiny_model_dir, capsys):

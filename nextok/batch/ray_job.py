@@ -2,10 +2,11 @@
 engine) generates with `map_batches`, and Ray Data writes the results.
 
 Needs the optional extra: `pip install nextok[ray]`. Connects to the cluster in $RAY_ADDRESS (or
-starts a local Ray). The model path must be readable on every node. Records are the same as the
-local job's (`nextok.batch`), written as JSONL files (or Parquet) in the OUTPUT folder; a request
-without a seed is seeded from its id, so results match the local job. Unlike the local job, this
-one is not resumable and does not detect duplicate ids across actors (each line gets a result).
+starts a local Ray). The model path must be readable on every node (each fetches a Hub id itself).
+Records are the same as the local job's (`nextok.batch`), written as JSONL files (or Parquet) in
+the OUTPUT folder; a request without a seed is seeded from its id, so results match the local job.
+Unlike the local job, this one is not resumable and does not detect duplicate ids across actors
+(each line gets a result).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class BatchPredictor:
 def run_ray_batch(input_path: str, output_path: str, model: str | os.PathLike | None = None,
                   params: SamplingParams | None = None, replicas: int = 1, num_cpus: float = 1.0,
                   num_gpus: float = 0.0, batch_size: int = 64, dtype: str = "auto", device: str = "auto",
-                  kv_cache_memory: int | None = None) -> None:
+                  kv_cache_memory: int | None = None, revision: str | None = None,
+                  gguf_file: str | None = None) -> None:
     """Run a batch job on Ray Data: INPUT (JSONL or Parquet files; any path Ray reads) -> OUTPUT folder.
 
     `replicas` actors, each with `num_cpus` CPUs and `num_gpus` GPUs, take `batch_size` lines at a
@@ -72,7 +74,8 @@ def run_ray_batch(input_path: str, output_path: str, model: str | os.PathLike | 
             fn_constructor_kwargs={
                 "model": None if model is None else str(model), "params": (params or SamplingParams()).to_dict(),
                 "rows": rows, "parquet_out": parquet_out,
-                "llm_kwargs": {"dtype": dtype, "device": device, "kv_cache_memory": kv_cache_memory},
+                "llm_kwargs": {"dtype": dtype, "device": device, "kv_cache_memory": kv_cache_memory,
+                               "revision": revision, "gguf_file": gguf_file},
             },
         )
         if parquet_out:

@@ -55,7 +55,8 @@ def _batch_command(args: argparse.Namespace) -> int:
         memory = kv_cache_bytes(args)
         run_ray_batch(args.input, args.output, model=args.model, params=params, replicas=args.replicas,
                       num_cpus=args.num_cpus, num_gpus=args.num_gpus, batch_size=args.ray_batch_size,
-                      dtype=args.dtype, device=args.device, kv_cache_memory=memory)
+                      dtype=args.dtype, device=args.device, kv_cache_memory=memory, revision=args.revision,
+                      gguf_file=args.gguf_file)
         print(f"nextok: wrote {args.output}", file=sys.stderr)
         return 0
     if not Path(args.input).is_file():

@@ -67,7 +67,10 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="HF model folder or .gguf file (default: $NEXTOK_MODEL or SmolLM2-135M-Instruct)")
+    group.add_argument("--model", help="HF model folder, .gguf file, or Hugging Face Hub id org/name[/file.gguf] "
+                                       "(default: $NEXTOK_MODEL or SmolLM2-135M-Instruct)")
+    group.add_argument("--revision", help="Hub branch, tag or commit of --model (default: main)")
+    group.add_argument("--gguf-file", help="a GGUF file inside the Hub repository (or folder) of --model")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                        help="weights dtype: float32 is exact; auto: bfloat16 on a GPU or where AMX runs it, else float32")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -91,7 +94,7 @@ def load_llm(args: argparse.Namespace):
     from nextok.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=kv_cache_bytes(args),
-               compile=args.compile)
+               compile=args.compile, revision=args.revision, gguf_file=args.gguf_file)
 
 
 def _json_value(text: str):

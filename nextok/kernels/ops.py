@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nextok.kernels import call, has, tier
-from nextok.kernels.packing import Q4_GROUP_BYTES, Q8_GROUP_BYTES, block_format
+from nextok.kernels.packing import GROUP_BYTES, block_format
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 MAX_HEAD_DIM = 256  # csrc/nextok.h
@@ -70,7 +70,7 @@ def _check_packed(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> None
              f"packed_linear: {blocks} column blocks cannot hold n={n} outputs")
     if packed.dtype == torch.uint8:
         _require(x.dtype in _SUFFIX and packed.dim() == 3 and packed.shape[1] * 32 == k
-                 and packed.shape[2] in (Q4_GROUP_BYTES, Q8_GROUP_BYTES),
+                 and packed.shape[2] in GROUP_BYTES.values(),
                  f"packed_linear: block-format weights {tuple(packed.shape)} do not fit x (..., {k}) of {x.dtype}")
     elif packed.dtype == torch.float32:
         _require(x.dtype == torch.float32 and packed.shape[1:] == (k, 16),

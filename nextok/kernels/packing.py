@@ -1,11 +1,14 @@
 """The kernels' weight layouts: dense matrices packed in blocks of 16 output columns, and the block
-formats that keep a quantized checkpoint's float32 values in its GGUF Q4_1 / Q8_0 groups.
+formats that keep a quantized checkpoint's float32 values in its groups (GGUF Q4_0 ... Q6_K).
 
 Pure PyTorch: packing runs once when a model is built; the products read these layouts (ops.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -35,8 +38,122 @@ def unpack_weight(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float
 
 # float32 weights in the block formats of csrc/blocks.h, named by their bytes per (16 columns x 32 k) group
 GROUP = 32
-Q4_GROUP_BYTES, Q8_GROUP_BYTES = 384, 576
-_BLOCK_FORMATS = {Q4_GROUP_BYTES: 1, Q8_GROUP_BYTES: 2}  # csrc/nextok.h: FORMAT_Q4, FORMAT_Q8
+FORMAT_Q4, FORMAT_Q8, FORMAT_Q8X = 1, 2, 3  # csrc/nextok.h
+GROUP_BYTES = {FORMAT_Q4: 384, FORMAT_Q8: 576, FORMAT_Q8X: 768}
+Q4_GROUP_BYTES, Q8_GROUP_BYTES, Q8X_GROUP_BYTES = GROUP_BYTES.values()
+_BLOCK_FORMATS = {size: fmt for fmt, size in GROUP_BYTES.items()}
+
+
+@dataclass
+class Groups:
+    """An (N, K) matrix in groups along k that share a scale and a minimum, as quantized checkpoints store it.
+
+    w[n, k] = q[n, k] * scale[n, k // size] + minimum[n, k // size] with one rounding (an FMA), or
+    q * scale without a minimum. GGUF's dequantization computes its types' values just so (their
+    q * scale is exact in float32), which is what lets the kernels widen them back bit for bit.
+    `format` names the block format that holds them: FORMAT_Q4 (size 32, a minimum, q in 0..15),
+    FORMAT_Q8 (size 32, no minimum) or FORMAT_Q8X (any of them, and size 16).
+    """
+
+    q: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N, K // size) float32
+    minimum: torch.Tensor | None  # (N, K // size) float32
+    size: int  # weights along k per scale: 32 or 16
+    format: int
+
+    @staticmethod
+    def cat(parts: list[Groups], fmt: int | None = None) -> Groups:
+        """The rows of `parts` one after another in format `fmt` (default: theirs, or Q8X where they differ)."""
+        formats = {part.format for part in parts}
+        fmt = fmt or (formats.pop() if len(formats) == 1 else FORMAT_Q8X)
+        if fmt == FORMAT_Q8X:
+            parts = [part.widened() for part in parts]
+        elif any(part.format != fmt for part in parts):
+            raise ValueError(f"Groups.cat: groups of formats {sorted(formats)} do not fit format {fmt}")
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        minimum = None if first.minimum is None else torch.cat([part.minimum for part in parts])
+        return Groups(torch.cat([part.q for part in parts]), torch.cat([part.scale for part in parts]), minimum,
+                      first.size, first.format)
+
+    def widened(self) -> Groups:
+        """The same weights in FORMAT_Q8X: a scale and a minimum per 16 along k (every format holds them so)."""
+        scale = self.scale if self.size == 16 else self.scale.repeat_interleave(2, dim=1)
+        if self.minimum is None:
+            minimum = torch.zeros_like(scale)
+        else:
+            minimum = self.minimum if self.size == 16 else self.minimum.repeat_interleave(2, dim=1)
+        return Groups(self.q, scale, minimum, 16, FORMAT_Q8X)
+
+
+def pack_groups(groups: Groups, dtype: torch.dtype = torch.float32,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """`groups` in its block format, laid out for products in `dtype` (float32 or bfloat16).
+
+    Returns uint8 (N/16, K/32, group bytes), N padded with zero rows to a multiple of 32 (written into
+    `out` where given). bfloat16 products widen the groups to their float32 values rounded to bfloat16;
+    their q bytes are ordered for the bfloat16 pair layout (csrc/products_bf16.h, widen_group_bf16).
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"pack_groups: products in {dtype} have no block format (float32 or bfloat16)")
+    if groups.format == FORMAT_Q8X and (groups.size != 16 or groups.minimum is None):
+        groups = groups.widened()
+    n, k = groups.q.shape
+    n_groups, blocks = k // GROUP, (n + 31) // 32 * 2
+    if out is None:
+        out = torch.empty(blocks, n_groups, GROUP_BYTES[groups.format], dtype=torch.uint8)
+    if out.shape != (blocks, n_groups, GROUP_BYTES[groups.format]) or not out.is_contiguous():
+        raise ValueError(f"pack_groups: out {tuple(out.shape)} does not fit {n} x {k} weights (format {groups.format})")
+    o = out.numpy()  # numpy's strided loops write every part straight into its place
+    values = [groups.scale] + ([] if groups.minimum is None else [groups.minimum])
+    halves = 2 if groups.format == FORMAT_Q8X else 1  # scales (and minimums) per group and column
+    for i, v in enumerate(values):  # (rows, groups * halves) -> per block and group: [half][column] float32
+        head = o[..., 64 * halves * i:64 * halves * (i + 1)].view(np.float32)
+        _fill(_split(head, (blocks, n_groups, halves, 16)), v.numpy(), n, (blocks, 16, n_groups, halves), (0, 2, 3, 1))
+    # Steps 2p and 2p + 1 of a row move together (one uint16) into `staged`: (blocks, groups, pair, lanes)
+    q = groups.q.numpy().view(np.uint16)
+    q_bytes = o[..., 64 * halves * len(values):]
+    if dtype == torch.bfloat16:  # lo: columns 0-7, hi: 8-15; byte 2 (c % 8) + s of each holds column c at step s
+        source, order, lanes = (blocks, 2, 8, n_groups, GROUP // 2), (0, 3, 4, 1, 2), (2, 8)
+        if groups.format != FORMAT_Q4:  # the pair layout is the staged one
+            _fill(_split(q_bytes.view(np.uint16), (blocks, n_groups, GROUP // 2, *lanes)), q, n, source, order)
+            return out
+    else:  # byte j of lo holds column j at step 2p, of hi at step 2p + 1
+        source, order, lanes = (blocks, 16, n_groups, GROUP // 2), (0, 2, 3, 1), (16,)
+    staged = np.empty((blocks, n_groups, GROUP // 2, *lanes), np.uint16)
+    _fill(staged, q, n, source, order)
+    if dtype == torch.bfloat16:  # Q4: byte = lo | hi << 4, in both bytes of a unit
+        np.left_shift(staged[:, :, :, 1], 4, out=staged[:, :, :, 1])
+        np.bitwise_or(staged[:, :, :, 0], staged[:, :, :, 1],
+                      out=_split(q_bytes.view(np.uint16), (blocks, n_groups, GROUP // 2, 8)))
+    elif groups.format == FORMAT_Q4:  # byte j = q[2p][j] | q[2p + 1][j] << 4: the unit's two nibbles
+        nibbles = (staged >> 4) & 0xF0
+        nibbles |= staged & 0x0F
+        np.copyto(_split(q_bytes, (blocks, n_groups, GROUP // 2, 16)), nibbles, casting="unsafe")
+    else:  # the units' low bytes (step 2p), then their high bytes
+        units = staged.view(np.uint8).reshape(blocks, n_groups, GROUP // 2, 16, 2)
+        np.copyto(_split(q_bytes, (blocks, n_groups, GROUP // 2, 2, 16)), units.transpose(0, 1, 2, 4, 3))
+    return out
+
+
+def _split(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A view of `a` in `shape`, its contiguous last axis split; never a copy, which writes would miss."""
+    assert a.strides[-1] == a.itemsize and np.prod(shape[a.ndim - 1:]) == a.shape[-1]
+    strides = [a.itemsize]
+    for size in reversed(shape[a.ndim:]):
+        strides.insert(0, strides[0] * size)
+    return np.lib.stride_tricks.as_strided(a, shape, a.strides[:-1] + tuple(strides))
+
+
+def _fill(dst: np.ndarray, src: np.ndarray, n: int, shape: tuple[int, ...], order: tuple[int, ...]) -> None:
+    """dst = src (n rows, padded with zero rows to 16 per column block) viewed as `shape`, transposed to `order`."""
+    rows = shape[0] * 16
+    if n != rows:
+        padded = np.zeros((rows, *src.shape[1:]), src.dtype)
+        padded[:n] = src
+        src = padded
+    np.copyto(dst, src.reshape(shape).transpose(order))
 
 
 def pack_blocks(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -68,7 +185,9 @@ def pack_blocks(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
             continue
         fit = _fit(groups, signed)
         if fit is not None:
-            return _block_layout(*fit, interleaved=dtype == torch.bfloat16)
+            q, scale, minimum = fit
+            return pack_groups(Groups(q.view(rows, k).to(torch.int8), scale, minimum, GROUP,
+                                      FORMAT_Q8 if minimum is None else FORMAT_Q4), dtype)
     return None
 
 
@@ -93,49 +212,33 @@ def _half(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16).float()
 
 
-def _block_layout(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
-                  interleaved: bool) -> torch.Tensor:
-    rows, n_groups, _ = q.shape
-
-    def per_block(v: torch.Tensor) -> torch.Tensor:  # (rows, groups) float32 -> (rows/16, groups, 64) bytes
-        return v.view(rows // 16, 16, n_groups).transpose(1, 2).contiguous().view(torch.uint8)
-
-    parts = [per_block(scale)]
-    if minimum is not None:
-        parts.append(per_block(minimum))
-    # (blocks, groups, 16 pairs, lo | hi, 16 lanes): which q each byte (Q4: each nibble) of a pair holds
-    steps = q.view(rows // 16, 16, n_groups, GROUP // 2, 2).permute(0, 2, 3, 4, 1)  # (..., step in pair, column)
-    if interleaved:  # lo: columns 0-7, hi: 8-15, lane i = column i // 2 at step i % 2
-        halves = steps.reshape(*steps.shape[:3], 2, 2, 8).permute(0, 1, 2, 4, 5, 3)  # (..., half, column, step)
-        lanes = halves.reshape(*steps.shape[:3], 2, 16)
-    else:  # lo: step 2p, hi: step 2p + 1, lane j = column j
-        lanes = steps
-    if minimum is not None:
-        nibbles = lanes.to(torch.uint8)
-        parts.append((nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows // 16, n_groups, -1))
-    else:
-        parts.append(lanes.to(torch.int8).reshape(rows // 16, n_groups, -1).view(torch.uint8))
-    return torch.cat(parts, dim=-1).contiguous()
-
-
 def unpack_blocks(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of pack_blocks(weight, dtype): the (N, K) matrix of `dtype`."""
+    """The inverse of pack_groups(groups, dtype) (and of pack_blocks): the (N, K) matrix of `dtype`.
+
+    Computes q * scale + minimum in float32, which is the kernels' FMA wherever q * scale is exact
+    (every GGUF type) or the minimum is 0.
+    """
     blocks, n_groups, size = packed.shape
-    scale = packed[..., :64].contiguous().view(torch.float32)  # (blocks, groups, 16 columns)
-    if size == Q4_GROUP_BYTES:
-        minimum = packed[..., 64:128].contiguous().view(torch.float32)
-        pairs = packed[..., 128:].reshape(blocks, n_groups, GROUP // 2, 16)
+    fmt = _BLOCK_FORMATS[size]
+    halves = 2 if fmt == FORMAT_Q8X else 1  # scales (and minimums) per group and column
+    head = 64 * halves
+    scale = packed[..., :head].contiguous().view(torch.float32).view(blocks, n_groups, halves, 16)
+    minimum = None
+    if fmt != FORMAT_Q8:
+        minimum = packed[..., head:2 * head].contiguous().view(torch.float32).view(blocks, n_groups, halves, 16)
+    if fmt == FORMAT_Q4:
+        pairs = packed[..., 2 * head:].reshape(blocks, n_groups, GROUP // 2, 16)
         lanes = torch.stack((pairs & 15, pairs >> 4), dim=3).float()  # (blocks, groups, 16 pairs, lo | hi, 16)
     else:
-        lanes = packed[..., 64:].contiguous().view(torch.int8).reshape(blocks, n_groups, GROUP // 2, 2, 16).float()
+        q_bytes = packed[..., (head if fmt == FORMAT_Q8 else 2 * head):].contiguous()
+        lanes = q_bytes.view(torch.int8).reshape(blocks, n_groups, GROUP // 2, 2, 16).float()
     if dtype == torch.bfloat16:  # (..., half, column, step) back to (..., step, column)
         lanes = lanes.reshape(blocks, n_groups, GROUP // 2, 2, 8, 2).permute(0, 1, 2, 5, 3, 4)
-    q = lanes.reshape(blocks, n_groups, GROUP, 16)  # (blocks, groups, k, column)
-    w = q * scale[:, :, None]
-    if size == Q4_GROUP_BYTES:
-        w = w + minimum[:, :, None]
-    return w.permute(0, 3, 1, 2).reshape(blocks * 16, n_groups * GROUP)[:n].to(dtype)
-
+    q = lanes.reshape(blocks, n_groups, halves, GROUP // halves, 16)  # (blocks, groups, half, k, column)
+    w = q * scale[:, :, :, None]
+    if minimum is not None:
+        w = w + minimum[:, :, :, None]
+    return w.permute(0, 4, 1, 2, 3).reshape(blocks * 16, n_groups * GROUP)[:n].to(dtype)
 
 
 def block_format(packed: torch.Tensor) -> int:

@@ -1,7 +1,8 @@
 """GGUF files -> an HF config dict and an HF-named float32 state dict.
 
 The GGUF is memory-mapped by `gguf.GGUFReader`; every tensor is dequantized with vectorised numpy code
-(F32, F16, BF16, Q8_0, Q4_0, Q4_1) or `gguf.quants.dequantize` (K-quants, IQ-quants, ...), then renamed
+(F32, F16, BF16, Q8_0, Q4_0, Q4_1) or `gguf.quants.dequantize` (K-quants, IQ-quants, ...) (or, where
+the model will keep it in blocks, left as raw blocks: gguf_blocks.QuantizedWeight), then renamed
 to its Hugging Face key and brought back to the HF layout: llama.cpp's convert_hf_to_gguf permutes the
 rows of Llama q_proj/k_proj for its rotary kernel and stores GPT-2's Conv1D weights transposed.
 Config and tied embeddings follow what `transformers` does for the same file: `tie_word_embeddings`
@@ -19,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader
-from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize as gguf_dequantize
+from gguf import GGUFReader
 
 from nextok.errors import ModelLoadError
+from nextok.models.gguf_archs import BLOCK_NAMES, NORMS_PLUS_ONE, arch_config
+from nextok.models.gguf_blocks import BLOCK_TYPES, QuantizedWeight, dequantize_rows
 from nextok.models.registry import ARCHITECTURES
 from nextok.tokenizer import Tokenizer
 
@@ -49,8 +50,12 @@ _SPECIAL_TOKENS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
-    """Read a GGUF file: (HF config, HF-named float32 state dict, nextok Tokenizer or None)."""
+def read_gguf(path: Path, blocks: bool = False) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Read a GGUF file: (HF config, HF-named float32 state dict, nextok Tokenizer or None).
+
+    blocks: leave the 2-D weights of the types the kernels keep in blocks (gguf_blocks.BLOCK_TYPES)
+    as QuantizedWeight, their rows in the HF order, instead of dequantizing them.
+    """
     try:
         reader = GGUFReader(path)
     except (ValueError, KeyError, IndexError, TypeError) as e:
@@ -62,7 +67,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]
         if t.data_offset + t.n_bytes > file_size:
             raise ModelLoadError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
     config = gguf_config(reader, path)
-    state_dict = gguf_state_dict(reader, config, path)
+    state_dict = gguf_state_dict(reader, config, path, blocks)
     tokenizer = None
     if "tokenizer.ggml.model" in reader.fields:
         tokenizer = Tokenizer.from_gguf(path, reader=reader)
@@ -106,6 +111,7 @@ def gguf_config(reader: Any, path: Path) -> dict[str, Any]:
             head_dim = m("attention.key_length") or m("rope.dimension_count")
             config["head_dim"] = head_dim or config["hidden_size"] // heads
             config["attention_bias"] = "blk.0.attn_q.bias" in names
+        config.update(arch_config(arch, m, names, config))  # qwen3, phi3, gemma2, gemma3
         scaling = m("rope.scaling.type")
         if scaling in ("linear", "yarn"):
             config["rope_scaling"] = {"rope_type": scaling, "factor": float(m("rope.scaling.factor", 1.0))}
@@ -119,8 +125,9 @@ def gguf_config(reader: Any, path: Path) -> dict[str, Any]:
     return {key: value for key, value in config.items() if value is not None}  # absent: the model's default
 
 
-def gguf_state_dict(reader: Any, config: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """Every GGUF tensor dequantized to float32, under its HF name and in the HF layout."""
+def gguf_state_dict(reader: Any, config: dict[str, Any], path: Path,
+                    blocks: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Every GGUF tensor dequantized to float32 (or kept: a QuantizedWeight), under its HF name and in the HF layout."""
     arch = _meta(reader, "general.architecture")
     named = [(t, hf_tensor_name(t.name, arch)) for t in reader.tensors]
     skipped = [t.name for t, hf_name in named if hf_name is None and not t.name.endswith(_IGNORED)]
@@ -130,13 +137,19 @@ def gguf_state_dict(reader: Any, config: dict[str, Any], path: Path) -> dict[str
     if config.get("tie_word_embeddings"):
         named = [(t, hf_name) for t, hf_name in named if hf_name != "lm_head.weight"]
 
-    def convert(t: Any) -> torch.Tensor:
-        w = dequantize(t, path)
+    def convert(t: Any) -> torch.Tensor | QuantizedWeight:
+        transposed = arch == "gpt2" and t.name.endswith(_GPT2_TRANSPOSED)
+        kept = blocks and t.tensor_type in BLOCK_TYPES and len(t.shape) == 2 and not transposed
+        w = t.data if kept else dequantize(t, path)  # kept: (rows, bytes a row), a view of the file
         if arch == "llama" and re.search(r"\.attn_[qk]\.", t.name):
             heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
             w = unpermute_rotary(w, heads)
-        elif arch == "gpt2" and t.name.endswith(_GPT2_TRANSPOSED):
+        elif transposed:
             w = np.ascontiguousarray(w.T)  # GGUF (out, in) -> Conv1D (in, out)
+        elif arch in NORMS_PLUS_ONE and t.name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stored 1 + weight
+        if kept:
+            return QuantizedWeight(w, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
         return torch.from_numpy(w)
 
     # numpy releases the GIL: one tensor per thread uses every core without fine-grained barriers
@@ -148,7 +161,7 @@ def gguf_state_dict(reader: Any, config: dict[str, Any], path: Path) -> dict[str
 def hf_tensor_name(gguf_name: str, arch: str) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None if there is no HF twin)."""
     top, block, layers = ((_GPT2_TOP, _GPT2_BLOCK, "transformer.h") if arch == "gpt2"
-                          else (_LLAMA_TOP, _LLAMA_BLOCK, "model.layers"))
+                          else (_LLAMA_TOP, {**_LLAMA_BLOCK, **BLOCK_NAMES.get(arch, {})}, "model.layers"))
     if match := _BLOCK_NAME.fullmatch(gguf_name):
         index, base, kind = match.groups()
         return f"{layers}.{index}.{block[base]}.{kind}" if base in block else None
@@ -164,38 +177,12 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def dequantize(tensor: Any, path: Path | None = None) -> np.ndarray:
     """A GGUF ReaderTensor as a new float32 array of its logical shape (a copy, never the mmap)."""
-    qtype = tensor.tensor_type
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    raw = tensor.data.view(np.uint8)
-    if qtype == Q.F32:
-        return raw.view(np.float32).reshape(shape).copy()
-    if qtype == Q.F16:
-        return raw.view(np.float16).astype(np.float32).reshape(shape)
-    if qtype == Q.BF16:  # bfloat16 is the top half of a float32
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
-        blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])  # (n_blocks, bytes per block)
-        d = _f16(blocks[:, 0:2])  # (n_blocks, 1) scale
-        if qtype == Q.Q8_0:
-            return (blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(shape)  # 32 int8 a block
-        packed = blocks[:, 4:] if qtype == Q.Q4_1 else blocks[:, 2:]  # (n_blocks, 16): two 4-bit values a byte
-        q = np.empty((blocks.shape[0], 32), np.uint8)
-        np.bitwise_and(packed, 0x0F, out=q[:, :16])  # low nibbles are elements 0..15
-        np.right_shift(packed, 4, out=q[:, 16:])
-        if qtype == Q.Q4_0:
-            return ((q.view(np.int8) - np.int8(8)).astype(np.float32) * d).reshape(shape)
-        return (q.astype(np.float32) * d + _f16(blocks[:, 2:4])).reshape(shape)  # Q4_1: d * q + min
     try:
-        values = gguf_dequantize(tensor.data, qtype)
+        return dequantize_rows(tensor.data, tensor.tensor_type, shape)
     except NotImplementedError:
-        raise ModelLoadError(f"{path}: tensor {tensor.name} has GGUF quantization type {qtype.name}, "
+        raise ModelLoadError(f"{path}: tensor {tensor.name} has GGUF quantization type {tensor.tensor_type.name}, "
                              f"which nextok cannot dequantize") from None
-    return np.array(values, dtype=np.float32).reshape(shape)
-
-
-def _f16(pairs: np.ndarray) -> np.ndarray:
-    """(n, 2) bytes -> (n, 1) float32 of the little-endian float16 they hold."""
-    return np.ascontiguousarray(pairs).view(np.float16).astype(np.float32)
 
 
 def _meta(reader: Any, key: str, default: Any = None) -> Any:

@@ -1,7 +1,9 @@
-"""Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral without sliding window, Qwen2).
+"""Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3).
 
 RMSNorm, rotary embeddings (rope_theta, optional "llama3" scaling), grouped-query attention,
-SwiGLU MLP, optional q/k/v bias, tied or untied head. Attribute names follow the checkpoint keys.
+SwiGLU MLP, optional q/k/v bias, optional per-head q/k RMSNorm (Qwen3), optional sliding-window
+layers (Mistral, Phi-3, Qwen), tied or untied head. Attribute names follow the checkpoint keys;
+Phi-3's checkpoints hold q/k/v and gate/up already fused, under the names `fuse` gives them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch.nn.modules import module as nn_module
 from nextok.kernels import ops
 from nextok.kernels.fused import DecoderLayerWeights, DecoderWeights
 from nextok.models.attention import AttentionMetadata, LayerKV, attend
+from nextok.models.hf_config import layer_windows, partial_rotary_factor, rope_settings
+from nextok.models.linear import QuantizedLinear
 
 
 @dataclass
@@ -37,6 +41,9 @@ class LlamaConfig:
     attention_bias: bool = False  # bias on q/k/v
     o_proj_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each q and k head before rotary (Qwen3)
+    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window, None for full attention
+    fused_checkpoint: bool = False  # the checkpoint holds qkv_proj and gate_up_proj (Phi-3)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -50,15 +57,16 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        heads = cfg["num_attention_heads"]
-        qwen2 = cfg.get("model_type") == "qwen2"
-        rope_scaling = cfg.get("rope_scaling")
-        rope_theta = cfg.get("rope_theta")
-        rope_params = cfg.get("rope_parameters")  # transformers >= 5 keeps theta and scaling here
-        if isinstance(rope_params, dict):
-            rope_theta = rope_theta or rope_params.get("rope_theta")
-            if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
-                rope_scaling = rope_params
+        heads, model_type = cfg["num_attention_heads"], cfg.get("model_type")
+        qwen2 = model_type == "qwen2"
+        rope_theta, rope_scaling = rope_settings(cfg)
+        if (partial := partial_rotary_factor(cfg)) != 1.0:
+            raise ValueError(f"partial_rotary_factor={partial} (rotary on part of each head) is not supported; "
+                             f"supported: 1.0")
+        if model_type == "phi3" and (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type")):
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            raise ValueError(f"Phi-3 rope_scaling {kind!r} (the long-context Phi-3 models) is not supported; "
+                             f"supported: Phi-3 configs without rope_scaling (e.g. Phi-3-mini-4k)")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -66,7 +74,7 @@ class LlamaConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=cfg.get("head_dim") or (128 if model_type == "qwen3" else cfg["hidden_size"] // heads),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling,
@@ -75,6 +83,9 @@ class LlamaConfig:
             attention_bias=qwen2 or cfg.get("attention_bias", False),
             o_proj_bias=not qwen2 and cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False),
+            qk_norm=model_type == "qwen3",
+            layer_windows=layer_windows(cfg, cfg["num_hidden_layers"]),
+            fused_checkpoint=model_type == "phi3",
         )
 
 
@@ -107,8 +118,12 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()  # (N, D) float32 each
 
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
-    """A linear layer whose output is the concatenation of the given layers' outputs."""
+def fuse_linears(*linears: nn.Linear | QuantizedLinear) -> nn.Linear | QuantizedLinear:
+    """A linear layer whose output is the concatenation of the given layers' outputs (still in blocks where
+    all of them are)."""
+    if all(isinstance(lin, QuantizedLinear) for lin in linears):
+        return QuantizedLinear.fuse(*linears)
+    linears = [lin.dense() if isinstance(lin, QuantizedLinear) else lin for lin in linears]
     weight = torch.cat([lin.weight for lin in linears])  # (sum of outs, in)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
                       device=weight.device, dtype=weight.dtype)
@@ -129,7 +144,7 @@ class LlamaRMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
@@ -138,9 +153,17 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, hidden, bias=config.o_proj_bias)
         self.scale = self.head_dim**-0.5
+        self.window = config.layer_windows[layer_idx] if config.layer_windows else None
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps)
+        if config.fused_checkpoint:
+            self.fuse()
 
     def fuse(self) -> None:
         """One q/k/v projection instead of three (one GEMM per layer); the checkpoint names are gone after."""
+        if hasattr(self, "qkv_proj"):
+            return
         self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
@@ -153,6 +176,9 @@ class LlamaAttention(nn.Module):
             qkv = self.qkv_proj(x).view(n, heads, self.head_dim)  # (N, H + 2 Hkv, D)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).view(n, heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=1)  # (N, H + 2 Hkv, D)
         qkv, stored = ops.rotate(qkv, cos, sin, self.n_head + self.n_kv, kv, slots)  # q and k rotate together
         q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)
         return q, k, v, stored
@@ -165,9 +191,13 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        if config.fused_checkpoint:
+            self.fuse()
 
     def fuse(self) -> None:
         """One gate/up projection instead of two."""
+        if hasattr(self, "gate_up_proj"):
+            return
         self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
@@ -178,10 +208,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -205,7 +235,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, kv: LayerKV | None, meta: AttentionMetadata | None) -> torch.Tensor:
         x, q, k, v, _ = self.attention_inputs(x, None, cos, sin)
-        x, delta = self.attention_outputs(x, attend(q, k, v, kv, meta, self.self_attn.scale))
+        x, delta = self.attention_outputs(x, attend(q, k, v, kv, meta, self.self_attn.scale,
+                                                    window=self.self_attn.window))
         return x + delta
 
 
@@ -213,7 +244,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -282,7 +313,7 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             kv = kv_caches[i] if kv_caches else None
             x, q, k, v, stored = attention_inputs(layer, x, delta, cos, sin, None if slots is None else kv, slots)
-            attn = attend(q, k, v, kv, attn_meta, layer.self_attn.scale, stored=stored)
+            attn = attend(q, k, v, kv, attn_meta, layer.self_attn.scale, stored=stored, window=layer.self_attn.window)
             x, delta = attention_outputs(layer, x, attn)
         norm = self.model.norm
         return ops.add_rms_norm(delta, x, norm.weight, norm.eps)[1]
@@ -299,8 +330,8 @@ class LlamaForCausalLM(nn.Module):
 
     def decoder_weights(self) -> DecoderWeights | None:
         """The decoder layers as the fused kernel step reads them, or None where it cannot (compiled
-        stages, unfused or unpacked projections). The same object until the weights may have changed,
-        so that a step checks it at the cost of one comparison."""
+        stages, unfused or unpacked projections, q/k norms, sliding windows). The same object until the
+        weights may have changed, so that a step checks it at the cost of one comparison."""
         cached = self.__dict__.get("_decoder_weights")
         if cached is not None and cached[0] == (_WeightChanges.count, self._stages):
             return cached[1]
@@ -310,6 +341,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _describe_decoder(self) -> DecoderWeights | None:
         if self._stages[0] is not LlamaDecoderLayer.attention_inputs:
+            return None
+        if self.config.qk_norm or self.config.layer_windows:  # layers the kernel step cannot express
             return None
         layers = []
         for layer in self.model.layers:

@@ -2,7 +2,8 @@
 
 Two sources: a Hugging Face folder (config.json + model.safetensors, a sharded safetensors index, or
 pytorch_model.bin read with `weights_only=True`), or a GGUF file. The first load of a GGUF converts it
-(see nextok/models/gguf.py) and writes the result as an HF folder under the cache directory, so the
+(see nextok/models/gguf.py) and writes the result as an HF folder under the cache directory, keyed on the
+file's content (nextok/models/gguf_cache.py, which also says when old conversions are removed), so the
 next load of the same file is a plain safetensors read.
 
 Tied embeddings: when `config["tie_word_embeddings"]` is true the state dict has no `lm_head.weight`
@@ -26,11 +27,11 @@ import torch
 
 from nextok.errors import ModelLoadError
 from nextok.models.gguf import read_gguf
+from nextok.models.gguf_cache import content_digest, folder_for, record_use
 from nextok.models.registry import ARCHITECTURES, find_architecture
 from nextok.paths import default_cache_dir
 from nextok.tokenizer import Tokenizer
 
-CACHE_FORMAT_VERSION = 1  # bump when the converted cache layout or contents change
 _STALE_TMP_S = 3600  # a conversion takes seconds: a temporary folder this old belongs to a killed process
 
 
@@ -38,7 +39,8 @@ _STALE_TMP_S = 3600  # a conversion takes seconds: a temporary folder this old b
 class Checkpoint:
     """A loaded checkpoint in Hugging Face form, ready for the model registry.
 
-    `state_dict` uses the HF checkpoint keys, holds floating-point tensors in the requested dtype, and
+    `state_dict` uses the HF checkpoint keys, holds floating-point tensors in the requested dtype
+    (loaded with blocks=True, a GGUF's quantized weights are gguf_blocks.QuantizedWeight instead), and
     has no `lm_head.weight` when `config["tie_word_embeddings"]` is true.
     """
 
@@ -50,8 +52,12 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
-                    cache_dir: Path | None = None) -> Checkpoint:
+                    cache_dir: Path | None = None, blocks: bool = False) -> Checkpoint:
     """Load an HF model folder or a GGUF file (converted once, then read from `cache_dir`).
+
+    blocks: read a GGUF file's quantized 2-D weights as their blocks (gguf_blocks.QuantizedWeight, which
+    build_model packs for the CPU kernels) straight from the file, with no float32 conversion and no
+    cache: for models that will run on the kernels in float32 or bfloat16 (linear.keeps_blocks).
 
     Any problem with the files is a ModelLoadError naming the path and the problem in one line, whatever
     the library underneath raised (a damaged file fails in numpy, struct, safetensors or json in many ways).
@@ -62,6 +68,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     try:
         if path.is_dir():
             return _load_hf_folder(path, dtype)
+        if (path.suffix.lower() == ".gguf" or _magic(path) == b"GGUF") and blocks:
+            return _read_gguf_blocks(path, dtype)
         if path.suffix.lower() == ".gguf" or _magic(path) == b"GGUF":
             return _load_gguf(path, dtype, Path(cache_dir) if cache_dir else default_cache_dir())
     except ModelLoadError:
@@ -74,9 +82,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def gguf_cache_folder(path: Path, cache_dir: Path) -> Path:
-    """Where the converted copy of a GGUF file lives: keyed by name, size, mtime and format version."""
-    stat = path.stat()
-    return cache_dir / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_FORMAT_VERSION}"
+    """Where the converted copy of a GGUF file lives: keyed by its content and CACHE_FORMAT_VERSION."""
+    return folder_for(content_digest(path, cache_dir), cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------- HF folders
@@ -175,17 +182,26 @@ def _fix_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 
 
 def _to_dtype(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------- GGUF + cache
 
+def _read_gguf_blocks(path: Path, dtype: torch.dtype) -> Checkpoint:
+    """A GGUF read directly: quantized weights in their blocks, the rest dequantized (seconds, so no cache)."""
+    config, state_dict, tokenizer = read_gguf(path, blocks=True)
+    return Checkpoint(path=path, config=config, state_dict=_to_dtype(state_dict, dtype), tokenizer=tokenizer)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
-    folder = gguf_cache_folder(path, cache_dir)
+    digest = content_digest(path, cache_dir)
+    folder = folder_for(digest, cache_dir)
     if folder.is_dir():
         try:
             checkpoint = _load_hf_folder(folder, dtype)
             checkpoint.path = path
+            record_use(path, digest, folder, cache_dir)
             return checkpoint
         except ModelLoadError as e:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"{folder}: ignoring a damaged GGUF cache ({e})", stacklevel=3)
@@ -193,6 +209,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
     config, state_dict, tokenizer = read_gguf(path)
     checkpoint = Checkpoint(path=path, config=config, state_dict=state_dict, tokenizer=tokenizer)
     _write_cache(folder, checkpoint)
+    record_use(path, digest, folder, cache_dir)
     checkpoint.state_dict = _to_dtype(state_dict, dtype)
     return checkpoint
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from nextok.models.attention import AttentionMetadata, LayerKV
+from nextok.models.gemma import GemmaConfig, GemmaForCausalLM, language_model_weights
 from nextok.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from nextok.models.linear import layout_linears, reads_float32
+from nextok.models.linear import keep_quantized, keeps_blocks, layout_linears, quantized_layers, reads_float32
 from nextok.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
 
 
@@ -45,6 +46,14 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("LlamaForCausalLM", LlamaForCausalLM, LlamaConfig, ("llama",), gguf_name="llama"),
     Architecture("MistralForCausalLM", LlamaForCausalLM, LlamaConfig, ("mistral",)),
     Architecture("Qwen2ForCausalLM", LlamaForCausalLM, LlamaConfig, ("qwen2",), gguf_name="qwen2"),
+    Architecture("Qwen3ForCausalLM", LlamaForCausalLM, LlamaConfig, ("qwen3",), gguf_name="qwen3"),
+    Architecture("Phi3ForCausalLM", LlamaForCausalLM, LlamaConfig, ("phi3",), gguf_name="phi3"),
+    Architecture("Gemma2ForCausalLM", GemmaForCausalLM, GemmaConfig, ("gemma2",), tied_by_default=True,
+                 gguf_name="gemma2"),
+    Architecture("Gemma3ForCausalLM", GemmaForCausalLM, GemmaConfig, ("gemma3_text",), tied_by_default=True,
+                 gguf_name="gemma3"),
+    # its language model only: text in, text out (the vision tower's weights are left out)
+    Architecture("Gemma3ForConditionalGeneration", GemmaForCausalLM, GemmaConfig, ("gemma3",), tied_by_default=True),
 )}
 
 # Checkpoint entries that are buffers, not weights (old GPT-2 files carry the causal mask).
@@ -78,19 +87,25 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     (nextok.models.linear) where the model will run on the CPU (`device`).
     blocks: let bfloat16 layers keep a quantized checkpoint's block format (False where the
     weights are about to be requantized anyway, as for int8).
+    state_dict may hold weights still in a checkpoint's blocks (gguf_blocks.QuantizedWeight, from
+    load_checkpoint(..., blocks=True)): linear layers keep them so and pack them where the CPU kernels
+    run `dtype`; everything else dequantizes them.
     """
     arch = architecture_of(config)
     model_cls, config_cls = arch.model, arch.config
-    if config.get("sliding_window") and config.get("use_sliding_window", True) and config.get("model_type") == "mistral":
-        window = config["sliding_window"]
-        if window < config.get("max_position_embeddings", 0):
-            raise ValueError(f"Mistral sliding_window={window} is not supported (contexts are full attention)")
     with torch.device("meta"):
         model = model_cls(config_cls.from_hf(config))
+    if arch.name == "Gemma3ForConditionalGeneration":
+        state_dict = language_model_weights(state_dict)
     # Where the layout reads block formats from float32 values, the weights stay float32 until then.
     layout = fuse and torch.device(device).type == "cpu"
     source = torch.float32 if layout and blocks and reads_float32(dtype) else dtype
-    weights = {k: v.to(source) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    kept = quantized_layers(model, state_dict) if layout and blocks and keeps_blocks(dtype) else {}
+    if kept and model.config.tie_word_embeddings:  # the head packs the embedding's blocks
+        embedding = state_dict.get(_embedding_key(model))
+        if embedding is not None and not isinstance(embedding, torch.Tensor):
+            kept["lm_head"] = embedding
+    weights = {k: _tensor(v, k, kept).to(source) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
     expected = set(model.state_dict())
     if model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
@@ -103,6 +118,7 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
     model.load_state_dict(weights, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = _embedding(model).weight
+    keep_quantized(model, kept, dtype)
     if isinstance(model, LlamaForCausalLM):  # the rotary frequencies are not in the checkpoint: build them
         model.model.rotary_emb = RotaryEmbedding(model.config)
     model.eval().requires_grad_(False)
@@ -124,6 +140,18 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
                 if id(param) not in cast:
                     cast[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
                 setattr(module, name, cast[id(param)])
+
+
+def _tensor(value: Any, key: str, kept: dict[str, Any]) -> torch.Tensor:
+    """A state-dict entry as a tensor: a meta placeholder where a layer keeps its blocks, else dense."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.empty(value.shape, device="meta") if key.removesuffix(".weight") in kept else value.dequantize()
+
+
+def _embedding_key(model: nn.Module) -> str:
+    embedding = _embedding(model)
+    return next(name for name, module in model.named_modules() if module is embedding) + ".weight"
 
 
 def _embedding(model: nn.Module) -> nn.Embedding:

@@ -6,7 +6,7 @@ import pytest
 
 from nextok.params import SamplingParams
 
-from ..models.helpers import gpt2_pair, llama_pair
+from ..models.helpers import ARCH_CONFIGS, arch_pair, gpt2_pair, llama_pair
 from .reference import engine_for, hf_generate, random_prompts, run_engine
 
 VOCAB = 320
@@ -112,3 +112,20 @@ def test_mixed_requests_in_one_batch(models):
                                       ("max_new_tokens", "num_beams", "num_return_sequences", "repetition_penalty",
                                        "early_stopping")})
             assert [c.token_ids for c in result.outputs] == expected
+
+
+@pytest.fixture(scope="module", params=list(ARCH_CONFIGS))
+def arch_models(request):
+    return arch_pair(request.param, seed=6)
+
+
+@pytest.mark.parametrize("strategy", [dict(), dict(num_beams=3, num_return_sequences=2),
+                                      dict(num_beams=4, early_stopping=True, length_penalty=0.5)],
+                         ids=["greedy", "beam3", "beam4-early"])
+def test_newer_architectures(arch_models, strategy):
+    """Qwen3, Phi-3, Gemma 2 / 3 and the sliding-window models: prompts of different lengths batched
+    together, and contexts that run past the windows (5 to 7 positions) while they generate."""
+    ref, ours = arch_models
+    prompts = random_prompts(4, VOCAB, seed=3, low=2, high=24)
+    eos = pick_eos(ref, prompts[0], 6, **strategy)
+    assert_same(ref, ours, prompts, eos, max_new_tokens=16, **strategy)

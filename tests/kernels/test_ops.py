@@ -9,6 +9,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from nextok.kernels import has, library, ops, packing
+from tests.kernels.test_packing import dense as dense_values
+from tests.kernels.test_packing import random_groups
 
 pytestmark = pytest.mark.skipif(library() is None, reason="nextok's CPU kernels need AVX-512 BF16 and a C compiler")
 
@@ -84,6 +86,27 @@ def test_bfloat16_block_products_equal_the_cast_dense_ones_bit_for_bit(qtype, gr
     for rows in (1, 3, 4, 5, 16, 17, 40):  # the AVX-512 micro-kernel below 5 rows, the tile unit (if any) from 5
         x = torch.randn(rows, k, dtype=torch.bfloat16)
         assert torch.equal(ops.packed_linear(x, packed, n), ops.packed_linear(x, dense, n)), rows
+        assert torch.equal(ops.packed_linear(x, packed, n, b), ops.packed_linear(x, dense, n, b)), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,size", [(packing.FORMAT_Q8X, 16), (packing.FORMAT_Q4, 32), (packing.FORMAT_Q8, 32)],
+                         ids=["q8x", "q4", "q8"])
+@pytest.mark.parametrize("k,n", [(64, 96), (1536, 577)])
+def test_group_products_equal_the_dense_ones_bit_for_bit(dtype, fmt, size, k, n):
+    """Every block format, from groups of any scale: products over the blocks equal the products over
+    the matrix they hold (bfloat16: cast), for every number of rows and tile shape."""
+    if dtype == torch.bfloat16 and not has("linear_bf16"):
+        pytest.skip("the bfloat16 kernels need AVX-512 BF16")
+    groups = random_groups(n, k, fmt, seed=k + n, size=size)
+    for g in groups.scale, groups.minimum:  # products of moderate size: no inf in the sums
+        if g is not None:
+            g.copy_(g.clamp(-1e-2, 1e-2).half())  # still float16 values: q * scale is exact
+    packed = packing.pack_groups(groups, dtype)
+    dense = packing.pack_weight(dense_values(groups).to(dtype))
+    b = torch.randn(n, dtype=dtype)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33, 64):
+        x = torch.randn(rows, k, dtype=dtype)
         assert torch.equal(ops.packed_linear(x, packed, n, b), ops.packed_linear(x, dense, n, b)), rows
 
 
@@ -245,7 +268,8 @@ def test_to_float32_equals_torch(shape):
     assert torch.equal(ops.to_float32(x.float()), x.float())  # float32 stays as is
 
 
-@pytest.mark.parametrize("kind", ["float32", "float32-q4", "float32-q8", "bfloat16", "bfloat16-q4", "int8"])
+@pytest.mark.parametrize("kind", ["float32", "float32-q4", "float32-q8", "float32-q8x", "bfloat16", "bfloat16-q4",
+                                  "bfloat16-q8x", "int8"])
 def test_every_row_is_computed_as_if_alone(kind):
     """Batch invariance: row i of an M-row product equals the 1-row product of that row, bit for bit, for
     every M (the tiling changes with M; each row's additions do not)."""
@@ -261,6 +285,8 @@ def test_every_row_is_computed_as_if_alone(kind):
     scale = None
     if kind == "int8":
         packed, scale = packing.pack_weight(torch.randint(-127, 128, (n, k), dtype=torch.int8)), torch.rand(n) / 100
+    elif kind.endswith("q8x"):
+        packed = packing.pack_groups(random_groups(n, k, packing.FORMAT_Q8X, seed=3, size=16), dtype)
     elif "-q" in kind:
         packed = packing.pack_blocks(w, dtype)
         assert packed is not None and packed.dtype == torch.uint8

@@ -54,6 +54,15 @@ def tiny_qwen2() -> torch.nn.Module:
     return _randomized(transformers.Qwen2ForCausalLM(config))
 
 
+def tiny_arch(config_class: str, model_class: str, **overrides) -> torch.nn.Module:
+    """A tiny random model of a newer Llama-like architecture (Qwen3, Phi-3, Gemma)."""
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0) | overrides
+    return _randomized(getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs)))
+
+
 def tiny_gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
     # n_positions stays at its default 1024: transformers' GGUF loading sets n_ctx, which GPT2Config ignores
@@ -111,21 +120,46 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+ARCH_BLOCK = {  # llama.cpp's names where they differ from Llama's (gguf MODEL_TENSORS, tensor_mapping)
+    "qwen3": {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+    "gemma2": {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+}
+ARCH_BLOCK["gemma3"] = {**ARCH_BLOCK["gemma2"], **ARCH_BLOCK["qwen3"]}
 GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 
 
 def llama_to_gguf(model: torch.nn.Module, path: Path, qtype: Q, name: str = "tiny") -> dict[str, torch.Tensor]:
-    """Write a Llama or Qwen2 `model` as llama.cpp would (2-D weights in `qtype`): the state dict to expect back."""
+    """Write a Llama, Qwen2, Qwen3, Phi-3 or Gemma 2 / 3 `model` as llama.cpp would (2-D weights in `qtype`):
+    the state dict to expect back."""
     c = model.config
-    arch = c.model_type  # "llama" or "qwen2"
+    arch = {"gemma3_text": "gemma3"}.get(c.model_type, c.model_type)  # "llama", "qwen2", "qwen3", "phi3", ...
+    gemma = arch in ("gemma2", "gemma3")
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     meta = {"block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
             "embedding_length": c.hidden_size, "feed_forward_length": c.intermediate_size,
             "attention.head_count": c.num_attention_heads, "attention.head_count_kv": c.num_key_value_heads,
-            "rope.freq_base": float(c.rope_parameters["rope_theta"]),
+            "rope.freq_base": float(rope["rope_theta"]),
             "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "vocab_size": c.vocab_size,
             "rope.dimension_count": c.hidden_size // c.num_attention_heads}
+    if arch == "qwen3" or gemma:
+        meta["attention.key_length"] = meta["attention.value_length"] = c.head_dim
+    if gemma:
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(c, key) is not None:
+                meta[key] = float(getattr(c, key))
+    if arch == "gemma3":
+        meta["rope.freq_base_swa"] = float(c.rope_parameters["sliding_attention"]["rope_theta"])
+        if rope.get("rope_type") == "linear":
+            meta["rope.scaling.type"], meta["rope.scaling.factor"] = "linear", float(rope["factor"])
+    if getattr(c, "sliding_window", None):
+        meta["attention.sliding_window"] = c.sliding_window
     meta = {f"{arch}.{key}": value for key, value in meta.items()} | {"general.name": name}
+    if arch == "phi3":  # else transformers takes Phi-3's default ids, outside a tiny vocabulary
+        meta |= {f"tokenizer.ggml.{key}_token_id": getattr(c, f"{key}_token_id") for key in ("bos", "eos")}
+        meta["tokenizer.ggml.padding_token_id"] = c.pad_token_id
     tensors, expected = {}, {}
     for hf_name, p in reference_state_dict(model).items():
         w = p.numpy()
@@ -138,8 +172,11 @@ def llama_to_gguf(model: torch.nn.Module, path: Path, qtype: Q, name: str = "tin
         else:
             _, _, layer, rest = hf_name.split(".", 3)
             module, kind = rest.rsplit(".", 1)
-            name = f"blk.{layer}.{LLAMA_BLOCK[module]}.{kind}"
+            name = f"blk.{layer}.{(LLAMA_BLOCK | ARCH_BLOCK.get(arch, {}))[module]}.{kind}"
         stored = w
+        if gemma and name.endswith("norm.weight"):  # llama.cpp's RMSNorm multiplies by the weight: 1 + Gemma's
+            stored = w + np.float32(1.0)
+            w = stored - np.float32(1.0)  # what a reader gets back in float32
         if arch == "llama" and ".attn_q." in name:
             stored = permute(w, c.num_attention_heads)
         elif arch == "llama" and ".attn_k." in name:

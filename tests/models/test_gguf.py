@@ -21,8 +21,8 @@ from nextok.models import loader
 from nextok.models.gguf import dequantize
 from nextok.models.loader import load_checkpoint
 from tests.models.checkpoints import (
-    assert_same_state_dict, gpt2_to_gguf, hf_gguf_state_dict, llama_to_gguf, quantized, reference_state_dict,
-    tiny_gpt2, tiny_llama, tiny_qwen2, write_gguf,
+    assert_same_state_dict, gpt2_to_gguf, hf_gguf_state_dict, llama_to_gguf, max_diff, quantized,
+    reference_state_dict, tiny_arch, tiny_gpt2, tiny_llama, tiny_qwen2, write_gguf,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -124,15 +124,15 @@ def test_gguf_cache_is_written_atomically(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(safetensors.torch, "save_file", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         load_checkpoint(path, cache_dir=cache)
-    assert list(cache.iterdir()) == []  # neither a half cache nor a temporary folder
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     folder = loader.gguf_cache_folder(path, cache)
-    stale = cache / f".{folder.name}.killed.tmp"  # what a `kill -9` mid-write leaves
+    assert list(folder.parent.iterdir()) == []  # neither a half cache nor a temporary folder
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    stale = folder.parent / f".{folder.name}.killed.tmp"  # what a `kill -9` mid-write leaves
     (stale / "model.safetensors").parent.mkdir()
     (stale / "model.safetensors").write_bytes(b"half a file")
     os.utime(stale, (time.time() - 2 * 3600,) * 2)
     assert_same_state_dict(load_checkpoint(path, cache_dir=cache).state_dict, expected)
-    assert list(cache.iterdir()) == [folder]
+    assert set(folder.parent.iterdir()) == {folder, folder.parent / "digests.json"}
 
     # a cache damaged afterwards (disk trouble) is noticed, rebuilt, and never returned
     data = (folder / "model.safetensors").read_bytes()
@@ -149,3 +149,98 @@ def test_gguf_unwritable_cache_still_loads(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="cannot write the GGUF cache"):
         ckpt = load_checkpoint(path, cache_dir=tmp_path / "not-a-dir")
     assert_same_state_dict(ckpt.state_dict, expected)
+
+
+# ------------------------------------------------------------------------------------------ newer architectures
+
+def _gguf_logits_match(model, path: Path, cache: Path, atol: float = 1e-4) -> None:
+    """The GGUF loaded and built by nextok gives the logits of the model it was written from."""
+    from nextok.models.registry import build_model
+
+    ckpt = load_checkpoint(path, cache_dir=cache)
+    ours = build_model(ckpt.config, ckpt.state_dict)
+    ids = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = ours.compute_logits(ours(ids, torch.arange(len(ids))))
+        expected = model(ids[None]).logits[0]
+    assert max_diff(got, expected) < atol
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("make", [
+    lambda: tiny_arch("Qwen3Config", "Qwen3ForCausalLM", head_dim=24),
+    lambda: tiny_arch("Qwen3Config", "Qwen3ForCausalLM", head_dim=16, tie_word_embeddings=True),
+    lambda: tiny_arch("Phi3Config", "Phi3ForCausalLM", sliding_window=9),
+], ids=["qwen3", "qwen3-tied", "phi3-sliding"])
+def test_gguf_newer_architecture_round_trip(make, qtype: Q, tmp_path: Path) -> None:
+    """q/k norms (Qwen3), fused qkv and gate/up (Phi-3) and head_dim / sliding window from the metadata."""
+    model = make()
+    path = tmp_path / "tiny.gguf"
+    expected = llama_to_gguf(model, path, qtype)
+    ckpt = load_checkpoint(path, cache_dir=tmp_path / "cache")
+    assert_same_state_dict(ckpt.state_dict, expected)
+    assert ckpt.config["architectures"] == [type(model).__name__]
+    assert ckpt.config["tie_word_embeddings"] == model.config.tie_word_embeddings
+    if isinstance(model, transformers.Qwen3ForCausalLM):
+        assert ckpt.config["head_dim"] == model.config.head_dim
+    else:
+        assert ckpt.config["sliding_window"] == 9
+    if qtype == Q.F32:
+        _gguf_logits_match(model, path, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tiny_arch("Qwen3Config", "Qwen3ForCausalLM", head_dim=128),  # transformers reads no head_dim for qwen3
+    lambda: tiny_arch("Phi3Config", "Phi3ForCausalLM"),
+], ids=["qwen3", "phi3"])
+def test_gguf_newer_architecture_matches_transformers(make, tmp_path: Path) -> None:
+    model = make()
+    path = tmp_path / "tiny.gguf"
+    llama_to_gguf(model, path, Q.Q8_0)
+    ref, ref_config = hf_gguf_state_dict(path)
+    ckpt = load_checkpoint(path, cache_dir=tmp_path / "cache")
+    assert_same_state_dict(ckpt.state_dict, ref, atol=1e-6)
+    assert ckpt.config["tie_word_embeddings"] == ref_config.tie_word_embeddings
+
+
+def test_gguf_long_context_phi3_is_refused(tmp_path: Path) -> None:
+    """LongRoPE factors in the file: the build names what is not supported instead of computing wrong logits."""
+    from nextok.models.registry import build_model
+
+    model = tiny_arch("Phi3Config", "Phi3ForCausalLM")
+    path = tmp_path / "tiny.gguf"
+    llama_to_gguf(model, path, Q.F32)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors} | {
+        "rope_factors_long.weight": np.ones(4, np.float32), "rope_factors_short.weight": np.ones(4, np.float32)}
+    meta = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith("phi3.")}
+    write_gguf(tmp_path / "long.gguf", "phi3", meta, tensors)
+    with pytest.warns(UserWarning, match="rope_factors"):
+        ckpt = load_checkpoint(tmp_path / "long.gguf", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="longrope"):
+        build_model(ckpt.config, ckpt.state_dict)
+
+
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("make", [
+    lambda: tiny_arch("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                      attn_logit_softcapping=2.0, final_logit_softcapping=20.0, num_hidden_layers=3),
+    lambda: tiny_arch("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                      num_hidden_layers=7, rope_parameters=GEMMA3_ROPE),
+], ids=["gemma2", "gemma3"])
+def test_gguf_gemma_round_trip(make, qtype: Q, tmp_path: Path) -> None:
+    """Norm weights come back minus the one llama.cpp added; soft-caps, window and rope bases from the metadata."""
+    model = make()
+    path = tmp_path / "tiny.gguf"
+    expected = llama_to_gguf(model, path, qtype)
+    ckpt = load_checkpoint(path, cache_dir=tmp_path / "cache")
+    assert_same_state_dict(ckpt.state_dict, expected)
+    assert ckpt.config["architectures"] == [type(model).__name__] and ckpt.config["tie_word_embeddings"]
+    ref, _ = hf_gguf_state_dict(path)
+    assert_same_state_dict(ckpt.state_dict, ref, atol=1e-6)
+    if qtype == Q.F32:
+        _gguf_logits_match(model, path, tmp_path / "cache")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import gguf
@@ -83,7 +85,7 @@ def test_default_model_second_load_reads_the_cache(first_load: Checkpoint, defau
     import nextok.models.gguf
 
     folder = loader.gguf_cache_folder(default_path, cache_dir)
-    assert [p.name for p in cache_dir.iterdir()] == [folder.name]  # no temporary folder left
+    assert {p.name for p in folder.parent.iterdir()} == {folder.name, "digests.json"}  # no temporary folder left
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
 
     def no_conversion(*args, **kwargs):
@@ -187,8 +189,9 @@ def test_error_unsupported_architecture(tmp_path: Path) -> None:
 
 
 def test_error_unsupported_gguf_architecture(tmp_path: Path) -> None:
-    path = write_gguf(tmp_path / "phi.gguf", "phi3", {}, {"token_embd.weight": np.zeros((4, 32), np.float32)})
-    assert_load_error(path, "phi3", "LlamaForCausalLM", cache_dir=tmp_path / "cache")
+    path = write_gguf(tmp_path / "falcon.gguf", "falcon", {}, {"token_embd.weight": np.zeros((4, 32), np.float32)})
+    assert_load_error(path, "falcon", *(a.name for a in ARCHITECTURES.values() if a.gguf_name),
+                      cache_dir=tmp_path / "cache")
 
 
 def test_error_truncated_safetensors(tmp_path: Path) -> None:
@@ -256,3 +259,68 @@ def test_any_other_failure_in_a_library_is_one_line_naming_the_file(tmp_path: Pa
 
     monkeypatch.setattr(gguf_module, "gguf_state_dict", broken)
     assert_load_error(path, "cannot load it", "error: unpack requires a buffer of 4 bytes", cache_dir=tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------------------ the GGUF cache's key
+
+def _no_conversion(*args, **kwargs):
+    raise AssertionError("the GGUF was converted again instead of read from the cache")
+
+
+def test_gguf_cache_is_keyed_on_content(tmp_path: Path, monkeypatch) -> None:
+    """A reinstall (the same bytes at a new path with a new mtime) reads the conversion it made before,
+    and a file loaded again is not hashed again (its digest is remembered per path, size and mtime)."""
+    from nextok.models import gguf_cache
+
+    first, cache = tmp_path / "a" / "tiny.gguf", tmp_path / "cache"
+    first.parent.mkdir()
+    expected = llama_to_gguf(tiny_llama(), first, Q.F16)
+    load_checkpoint(first, cache_dir=cache)
+    folders = [p for p in gguf_cache.cache_root(cache).iterdir() if p.is_dir()]
+    assert [p.name for p in folders] == [loader.gguf_cache_folder(first, cache).name]
+
+    moved = tmp_path / "b" / "renamed.gguf"
+    moved.parent.mkdir()
+    shutil.copyfile(first, moved)
+    os.utime(moved, ns=(first.stat().st_mtime_ns + 10**9,) * 2)
+    monkeypatch.setattr(loader, "read_gguf", _no_conversion)
+    assert_same_state_dict(load_checkpoint(moved, cache_dir=cache).state_dict, expected)
+    assert [p for p in gguf_cache.cache_root(cache).iterdir() if p.is_dir()] == folders
+
+    def no_hashing(*args):
+        raise AssertionError("the file was hashed again")
+
+    monkeypatch.setattr(gguf_cache.hashlib, "sha256", no_hashing)
+    assert_same_state_dict(load_checkpoint(moved, cache_dir=cache).state_dict, expected)
+    moved.write_bytes(moved.read_bytes()[:-1] + b"\0")  # new content: new size or mtime, so hashed again
+    with pytest.raises(ModelLoadError, match="hashed again"):
+        load_checkpoint(moved, cache_dir=cache)
+
+
+def test_gguf_cache_removes_old_versions_and_unused_conversions(tmp_path: Path, monkeypatch) -> None:
+    from nextok.models import gguf_cache
+
+    cache = tmp_path / "cache"
+    legacy = cache / f"tiny-1234-{10**18}-v1"  # version 1's name: stem, size, mtime
+    old_version = gguf_cache.cache_root(cache) / f"{'a' * 32}-v1"
+    unused = gguf_cache.cache_root(cache) / f"{'b' * 32}-v{gguf_cache.CACHE_FORMAT_VERSION}"
+    recent = gguf_cache.cache_root(cache) / f"{'c' * 32}-v{gguf_cache.CACHE_FORMAT_VERSION}"
+    kernels = cache / "kernels" / "libnextok-1-2-v1"  # not a conversion: never touched
+    for folder in (legacy, old_version, unused, recent, kernels):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    month = time.time() - (gguf_cache.MAX_UNUSED_DAYS + 1) * 86400
+    os.utime(unused, (month, month))
+
+    path = tmp_path / "tiny.gguf"
+    llama_to_gguf(tiny_llama(), path, Q.F16)
+    load_checkpoint(path, cache_dir=cache)
+    used = loader.gguf_cache_folder(path, cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["gguf", "kernels"]
+    assert {p for p in gguf_cache.cache_root(cache).iterdir() if p.is_dir()} == {used, recent}
+    assert kernels.is_dir()
+
+    # beyond the size budget, the least recently used go first, never the one in use
+    monkeypatch.setattr(gguf_cache, "MAX_CACHE_BYTES", 1)
+    load_checkpoint(path, cache_dir=cache)
+    assert [p for p in gguf_cache.cache_root(cache).iterdir() if p.is_dir()] == [used]

@@ -51,17 +51,20 @@ ALWAYS_INLINE void chunk_f32(__m512 (*a0)[MAX_MT], __m512 (*a1)[MAX_MT], const f
                MT);
     return;
   }
-  prefetch_ahead(w0 + c / CHUNK * GROUP_BYTES(F), F);
-  prefetch_ahead(w1 + c / CHUNK * GROUP_BYTES(F), F);
-  __m512 s0, s1, m0, m1;
-  const char* q0 = group_f32(w0, c / CHUNK, F, &s0, &m0);
-  const char* q1 = group_f32(w1, c / CHUNK, F, &s1, &m1);
-  for (int p = 0; p < CHUNK / 2; p++) {  // pair p: step c + 2p to partial sum 0, c + 2p + 1 to 1
-    __m512 lo0, hi0, lo1, hi1;
-    widen_pair_f32(q0, p, F, s0, m0, &lo0, &hi0);
-    widen_pair_f32(q1, p, F, s1, m1, &lo1, &hi1);
-    fma_rows(a0[0], a1[0], x, K, c + 2 * p, lo0, lo1, MT);
-    fma_rows(a0[1], a1[1], x, K, c + 2 * p + 1, hi0, hi1, MT);
+  prefetch_ahead(w0 + c / CHUNK * group_bytes(F), F);
+  prefetch_ahead(w1 + c / CHUNK * group_bytes(F), F);
+  for (int h = 0; h < 2; h++) {  // the group's halves: their own scales and minimums in Q8X
+    __m512 s0, s1, m0, m1;
+    const char* q0 = group_f32(w0, c / CHUNK, h, F, &s0, &m0);
+    const char* q1 = group_f32(w1, c / CHUNK, h, F, &s1, &m1);
+    // pair p: step c + 2p to partial sum 0, c + 2p + 1 to 1
+    for (int p = h * CHUNK / 4; p < (h + 1) * CHUNK / 4; p++) {
+      __m512 lo0, hi0, lo1, hi1;
+      widen_pair_f32(q0, p, F, s0, m0, &lo0, &hi0);
+      widen_pair_f32(q1, p, F, s1, m1, &lo1, &hi1);
+      fma_rows(a0[0], a1[0], x, K, c + 2 * p, lo0, lo1, MT);
+      fma_rows(a0[1], a1[1], x, K, c + 2 * p + 1, hi0, hi1, MT);
+    }
   }
 }
 
@@ -117,15 +120,17 @@ ALWAYS_INLINE void chunk1_f32(__m512* a, const float* x, int64_t K, int64_t c, i
     }
     return;
   }
-  prefetch_ahead(w + c / CHUNK * GROUP_BYTES(F), F);
-  __m512 scale, min;
-  const char* q = group_f32(w, c / CHUNK, F, &scale, &min);
-  for (int p = 0; p < CHUNK / 2; p++) {
-    __m512 lo, hi;
-    widen_pair_f32(q, p, F, scale, min, &lo, &hi);
-    UNROLL for (int m = 0; m < MT; m++) {
-      a[m] = _mm512_fmadd_ps(lo, _mm512_set1_ps(x[m * K + c + 2 * p]), a[m]);
-      a[MAX_MT + m] = _mm512_fmadd_ps(hi, _mm512_set1_ps(x[m * K + c + 2 * p + 1]), a[MAX_MT + m]);
+  prefetch_ahead(w + c / CHUNK * group_bytes(F), F);
+  for (int h = 0; h < 2; h++) {
+    __m512 scale, min;
+    const char* q = group_f32(w, c / CHUNK, h, F, &scale, &min);
+    for (int p = h * CHUNK / 4; p < (h + 1) * CHUNK / 4; p++) {
+      __m512 lo, hi;
+      widen_pair_f32(q, p, F, scale, min, &lo, &hi);
+      UNROLL for (int m = 0; m < MT; m++) {
+        a[m] = _mm512_fmadd_ps(lo, _mm512_set1_ps(x[m * K + c + 2 * p]), a[m]);
+        a[MAX_MT + m] = _mm512_fmadd_ps(hi, _mm512_set1_ps(x[m * K + c + 2 * p + 1]), a[MAX_MT + m]);
+      }
     }
   }
 }
@@ -160,12 +165,14 @@ ALWAYS_INLINE void tile1_any_f32(const float* x, int64_t K, const float* d, cons
 
 // Group g of one column block in a block format widened to float32, dst[k * 16 + j] for its 32 k.
 static void widen_group_f32(const char* w, int64_t g, int F, float* dst) {
-  __m512 scale, min, lo, hi;
-  const char* q = group_f32(w, g, F, &scale, &min);
-  for (int p = 0; p < CHUNK / 2; p++) {
-    widen_pair_f32(q, p, F, scale, min, &lo, &hi);
-    _mm512_storeu_ps(dst + 32 * p, lo);
-    _mm512_storeu_ps(dst + 32 * p + 16, hi);
+  for (int h = 0; h < 2; h++) {
+    __m512 scale, min, lo, hi;
+    const char* q = group_f32(w, g, h, F, &scale, &min);
+    for (int p = h * CHUNK / 4; p < (h + 1) * CHUNK / 4; p++) {
+      widen_pair_f32(q, p, F, scale, min, &lo, &hi);
+      _mm512_storeu_ps(dst + 32 * p, lo);
+      _mm512_storeu_ps(dst + 32 * p + 16, hi);
+    }
   }
 }
 
@@ -188,7 +195,11 @@ ALWAYS_INLINE void pair_tiles_f32(const float* x, int64_t K, const char* w0, con
       case FORMAT_Q8 * 8 + 1: tile_f32(xm, K, w0, w1, ym, N, n, bias, 1, FORMAT_Q8, NULL); break;
       case FORMAT_Q8 * 8 + 2: tile_f32(xm, K, w0, w1, ym, N, n, bias, 2, FORMAT_Q8, NULL); break;
       case FORMAT_Q8 * 8 + 3: tile_f32(xm, K, w0, w1, ym, N, n, bias, 3, FORMAT_Q8, NULL); break;
-      default: tile_f32(xm, K, w0, w1, ym, N, n, bias, 4, FORMAT_Q8, NULL); break;
+      case FORMAT_Q8 * 8 + 4: tile_f32(xm, K, w0, w1, ym, N, n, bias, 4, FORMAT_Q8, NULL); break;
+      case FORMAT_Q8X * 8 + 1: tile_f32(xm, K, w0, w1, ym, N, n, bias, 1, FORMAT_Q8X, NULL); break;
+      case FORMAT_Q8X * 8 + 2: tile_f32(xm, K, w0, w1, ym, N, n, bias, 2, FORMAT_Q8X, NULL); break;
+      case FORMAT_Q8X * 8 + 3: tile_f32(xm, K, w0, w1, ym, N, n, bias, 3, FORMAT_Q8X, NULL); break;
+      default: tile_f32(xm, K, w0, w1, ym, N, n, bias, 4, FORMAT_Q8X, NULL); break;
     }
   }
 }
@@ -202,7 +213,9 @@ ALWAYS_INLINE void tile56_f32(const float* x, int64_t K, const char* w0, const c
     case FORMAT_Q4 * 8 + 5: tile_f32(x, K, w0, w1, y, N, n, bias, 5, FORMAT_Q4, spill); break;
     case FORMAT_Q4 * 8 + 6: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q4, spill); break;
     case FORMAT_Q8 * 8 + 5: tile_f32(x, K, w0, w1, y, N, n, bias, 5, FORMAT_Q8, spill); break;
-    default: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q8, spill); break;
+    case FORMAT_Q8 * 8 + 6: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q8, spill); break;
+    case FORMAT_Q8X * 8 + 5: tile_f32(x, K, w0, w1, y, N, n, bias, 5, FORMAT_Q8X, spill); break;
+    default: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q8X, spill); break;
   }
 }
 
@@ -228,9 +241,12 @@ static void pair_f32(const float* x, const char* w0, int F, const float* bias, f
     } else if (F == FORMAT_Q4) {
       tile1_any_f32(x, K, NULL, w0, y, N, n, bias, (int)M, FORMAT_Q4);
       tile1_any_f32(x, K, NULL, w1, y, N, n + 16, bias, (int)M, FORMAT_Q4);
-    } else {
+    } else if (F == FORMAT_Q8) {
       tile1_any_f32(x, K, NULL, w0, y, N, n, bias, (int)M, FORMAT_Q8);
       tile1_any_f32(x, K, NULL, w1, y, N, n + 16, bias, (int)M, FORMAT_Q8);
+    } else {
+      tile1_any_f32(x, K, NULL, w0, y, N, n, bias, (int)M, FORMAT_Q8X);
+      tile1_any_f32(x, K, NULL, w1, y, N, n + 16, bias, (int)M, FORMAT_Q8X);
     }
     return;
   }
@@ -246,8 +262,7 @@ static void pair_f32(const float* x, const char* w0, int F, const float* bias, f
 
 int linear_f32(const float* x, const void* packed, int format, const float* bias, float* y, int64_t M, int64_t K,
                int64_t N, int threads) {
-  if (format != FORMAT_DENSE && format != FORMAT_Q4 && format != FORMAT_Q8) return NEXTOK_EINVAL;
-  if (format != FORMAT_DENSE && K % CHUNK) return NEXTOK_EINVAL;
+  if (!known_format(format) || (format != FORMAT_DENSE && K % CHUNK)) return NEXTOK_EINVAL;
   int64_t pairs = (N + 31) / 32, stride = block_stride_f32(K, format);
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

@@ -22,9 +22,9 @@ typedef uint16_t bf16;
 
 enum { NEXTOK_OK = 0, NEXTOK_ENOMEM = -1, NEXTOK_EINVAL = -2 };
 
-// Weight formats of a packed matrix (ops.pack_weight, ops.pack_blocks): dense, or groups of 32
-// weights along k that share a scale (and a minimum), as GGUF Q4_1 / Q8_0 checkpoints store them.
-enum { FORMAT_DENSE = 0, FORMAT_Q4 = 1, FORMAT_Q8 = 2 };
+// Weight formats of a packed matrix (packing.py): dense, or groups of 32 weights along k that share a
+// scale and a minimum (Q8X: one of each per 16 weights), as GGUF checkpoints store them (blocks.h).
+enum { FORMAT_DENSE = 0, FORMAT_Q4 = 1, FORMAT_Q8 = 2, FORMAT_Q8X = 3 };
 
 #define MAX_HEAD_DIM 256  // attention keeps a head's query and output in registers
 

@@ -26,14 +26,16 @@ ALWAYS_INLINE void store_row_bf16(bf16* y, __m512 v, const float* scale, const b
 ALWAYS_INLINE void widen_group_bf16(const char* w, int64_t g, int F, bf16* dst) {
   const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-  prefetch_ahead(w + g * GROUP_BYTES(F), F);
-  __m512 scale, min, lo, hi;
-  const char* q = group_f32(w, g, F, &scale, &min);
-  __m512 scale_lo = _mm512_permutexvar_ps(first, scale), min_lo = _mm512_permutexvar_ps(first, min);
-  __m512 scale_hi = _mm512_permutexvar_ps(second, scale), min_hi = _mm512_permutexvar_ps(second, min);
-  for (int p = 0; p < CHUNK / 2; p++) {
-    widen_pair(q, p, F, scale_lo, min_lo, scale_hi, min_hi, &lo, &hi);
-    _mm512_store_si512(dst + p * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  prefetch_ahead(w + g * group_bytes(F), F);
+  for (int h = 0; h < 2; h++) {  // pairs 0-7 are steps 0-15 (Q8X: the first scales and minimums), 8-15 the rest
+    __m512 scale, min, lo, hi;
+    const char* q = group_f32(w, g, h, F, &scale, &min);
+    __m512 scale_lo = _mm512_permutexvar_ps(first, scale), min_lo = _mm512_permutexvar_ps(first, min);
+    __m512 scale_hi = _mm512_permutexvar_ps(second, scale), min_hi = _mm512_permutexvar_ps(second, min);
+    for (int p = h * CHUNK / 4; p < (h + 1) * CHUNK / 4; p++) {
+      widen_pair(q, p, F, scale_lo, min_lo, scale_hi, min_hi, &lo, &hi);
+      _mm512_store_si512(dst + p * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
   }
 }
 
