@@ -50,6 +50,7 @@ class CellResult:
     peak_mb: float
     seconds: float
     error: str | None = None
+    load_s: float = float("nan")  # building the runner: loading the model and whatever the engine sets up
 
 
 def make_workload(name: str, scale: float = 1.0) -> Workload:
@@ -105,7 +106,9 @@ def measure(engine: str, workload_name: str, scale: float, make_runner: Callable
     (default: the workload's own count).
     """
     w = make_workload(workload_name, scale)
+    start = time.perf_counter()
     run = make_runner(w)
+    load = time.perf_counter() - start
     run([1] * len(w.prompts))  # warm-up: load, allocate, first-call overheads
     start = time.perf_counter()
     run([1] * len(w.prompts))
@@ -114,7 +117,7 @@ def measure(engine: str, workload_name: str, scale: float, make_runner: Callable
     run(w.max_new_tokens)
     seconds = time.perf_counter() - start
     tokens = (counted(w) if counted else None) or w.new_tokens
-    return CellResult(engine, workload_name, tokens / seconds, prefill, peak_rss_mb(), seconds)
+    return CellResult(engine, workload_name, tokens / seconds, prefill, peak_rss_mb(), seconds, load_s=load)
 
 
 def run_child(cmd: list[str], engine: str, workload: str, timeout: float) -> CellResult:
@@ -133,8 +136,8 @@ def run_child(cmd: list[str], engine: str, workload: str, timeout: float) -> Cel
 def format_table(results: list[CellResult], workloads: list[str], engines: list[str],
                  baseline: str = "transformers:float32") -> str:
     """One row per cell; the ratio is against `baseline`'s cell of the same workload in the same run."""
-    lines = [f"| workload | engine | new tok/s | x {baseline} | 1-token run s | peak MB |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| workload | engine | new tok/s | x {baseline} | 1-token run s | load s | peak MB |",
+             "|---|---|---|---|---|---|---|"]
     for wl in workloads:
         base = next((r.tokens_per_s for r in results if r.workload == wl and r.engine == baseline and not r.error), None)
         for engine in engines:
@@ -142,10 +145,10 @@ def format_table(results: list[CellResult], workloads: list[str], engines: list[
             if r is None:
                 continue
             if r.error:
-                lines.append(f"| {wl} | {engine} | n/a ({r.error}) | | | |")
+                lines.append(f"| {wl} | {engine} | n/a ({r.error}) | | | | |")
                 continue
             ratio = f"{r.tokens_per_s / base:.2f}x" if base else "n/a"
-            lines.append(f"| {wl} | {engine} | {r.tokens_per_s:.1f} | {ratio} | {r.prefill_s:.3f} | {r.peak_mb:.0f} |")
+            lines.append(f"| {wl} | {engine} | {r.tokens_per_s:.1f} | {ratio} | {r.prefill_s:.3f} | {r.load_s:.2f} | {r.peak_mb:.0f} |")
     return "\n".join(lines)
 
 
