@@ -33,12 +33,12 @@ def test_workloads_have_the_issue_s_shapes():
 
 
 def test_table_ratios_are_against_transformers_float32():
-    results = [CellResult("transformers:float32", "greedy-1", 20.0, 0.1, 1000.0, 2.56),
-               CellResult("nextok:float32", "greedy-1", 50.0, 0.05, 900.0, 2.56),
+    results = [CellResult("transformers:float32", "greedy-1", 20.0, 0.1, 1000.0, 2.56, load_s=3.0),
+               CellResult("nextok:float32", "greedy-1", 50.0, 0.05, 900.0, 2.56, load_s=0.5),
                CellResult("llama.cpp:q4_1", "greedy-1", math.nan, math.nan, math.nan, 0.0, "timed out")]
     engines = ["transformers:float32", "nextok:float32", "llama.cpp:q4_1"]
     table = format_table(results, ["greedy-1"], engines).splitlines()
     assert table[0].startswith("| workload | engine | new tok/s | x transformers:float32 | 1-token run s")
-    assert table[2] == "| greedy-1 | transformers:float32 | 20.0 | 1.00x | 0.100 | 1000 |"
-    assert table[3] == "| greedy-1 | nextok:float32 | 50.0 | 2.50x | 0.050 | 900 |"
-    assert table[4] == "| greedy-1 | llama.cpp:q4_1 | n/a (timed out) | | | |"
+    assert table[2] == "| greedy-1 | transformers:float32 | 20.0 | 1.00x | 0.100 | 3.00 | 1000 |"
+    assert table[3] == "| greedy-1 | nextok:float32 | 50.0 | 2.50x | 0.050 | 0.50 | 900 |"
+    assert table[4] == "| greedy-1 | llama.cpp:q4_1 | n/a (timed out) | | | | |"
