@@ -36,15 +36,13 @@ bench: install-test
 	$(PY) benchmarks/compare.py
 
 # The peers nextok is measured against. llama-cpp-python compiles llama.cpp (about 10 minutes here).
-# AVX-512 on; AMX only where a child process proved the tiles run (some VMs list AMX and refuse it with an
-# illegal instruction, so a native build cannot be trusted), the same probe nextok's kernels use.
+# AVX-512 on, AMX off: llama.cpp's AMX build dies with an illegal instruction on this kind of VM (seen on
+# 2026-12-03 on a Xeon whose AMX bfloat16 tiles run nextok's kernels), so it is built the way it runs here.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
-LLAMA_AMX_ARGS = $(shell $(PY) -c "import nextok.kernels as k; k.library(); \
-	print('-DGGML_AMX_TILE=ON -DGGML_AMX_INT8=ON -DGGML_AMX_BF16=ON' if k.amx_enabled() else '')" 2>/dev/null)
 bench-peers: install-test
 	$(PIP) install ctranslate2==4.8.5 diskcache==5.6.3
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_AMX_ARGS)" $(PIP) install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) build *.egg-info
