@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,8 @@ from nextok.models.quantize import quantize_int8
 from nextok.models.registry import build_model
 from nextok.outputs import RequestOutput
 from nextok.params import SamplingParams
+
+logger = logging.getLogger("nextok")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": "int8"}
 
@@ -65,7 +68,9 @@ class LLM:
         if dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype={dtype!r} is not supported: use one of auto, {', '.join(DTYPES)}")
         self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.dtype, why = _resolve_dtype(dtype, self.device)
+        self.dtype_reason = why  # why this dtype: the user's choice, or what "auto" saw on this machine
+        logger.info("dtype %s: %s", _dtype_name(self.dtype), why)
         source = resolve_model(model, revision=revision, gguf_file=gguf_file)
         # where the kernels run the model, a GGUF's quantized weights go from the file to their packed blocks
         checkpoint: Checkpoint = load_checkpoint(source.path, blocks=keeps_blocks(self.dtype, self.device))
@@ -252,13 +257,22 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _resolve_dtype(dtype: str, device: torch.device):
-    """"auto": bfloat16 on a GPU and where AMX runs nextok's bfloat16 products; float32 elsewhere."""
+def _resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype | str, str]:
+    """The dtype to run and why. "auto": bfloat16 on a GPU and where AMX runs nextok's bfloat16 products
+    (several times float32's speed for batches there); float32 elsewhere, where bfloat16 is the slowest dtype."""
     if dtype != "auto":
-        return DTYPES[dtype]
+        return DTYPES[dtype], "asked for"
     if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if kernels.amx_enabled() else torch.float32
+        return torch.bfloat16, "auto on a GPU"
+    if kernels.amx_enabled():
+        return torch.bfloat16, "auto: this CPU runs AMX bfloat16 tiles"
+    if kernels.library() is None:
+        return torch.float32, "auto: nextok's CPU kernels are off here (exact float32)"
+    return torch.float32, "auto: no AMX on this CPU, where float32 is faster than bfloat16 (and exact)"
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nextok.cli import main
 
@@ -107,3 +108,27 @@ def test_help_lists_every_sampling_flag():
     assert out.returncode == 0
     for name in SamplingParams.field_names():
         assert "--" + name.replace("_", "-") in out.stdout
+
+
+def test_verbose_says_which_dtype_auto_picked_and_why(tiny_model_dir, capsys):
+    import logging
+
+    from nextok import kernels
+
+    logger = logging.getLogger("nextok")
+    handlers = list(logger.handlers)
+    try:
+        assert main(["generate", "Hi", "--model", str(tiny_model_dir), "--max-new-tokens", "1", "--verbose"]) == 0
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(logging.NOTSET)
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("nextok: dtype"))
+    picked = "bfloat16" if kernels.amx_enabled() else "float32"
+    assert line.startswith(f"nextok: dtype {picked}: auto")
+
+
+def test_llm_dtype_reason_names_the_users_choice(tiny_model_dir):
+    from nextok import LLM
+
+    llm = LLM(tiny_model_dir, dtype="float32")
+    assert (llm.dtype, llm.dtype_reason) == (torch.float32, "asked for")

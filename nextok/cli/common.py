@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import sys
 import typing
 
 from nextok.params import SamplingParams
@@ -74,6 +76,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                        help="weights dtype: float32 is exact; auto: bfloat16 on a GPU or where AMX runs it, else float32")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    group.add_argument("--verbose", action="store_true",
+                       help="say on stderr what loading chose (the dtype auto picked and why)")
     group.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: from free memory)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the layers' element-wise stages (slower start, faster steps) where "
@@ -92,6 +96,13 @@ def kv_cache_bytes(args: argparse.Namespace) -> int | None:
 
 def load_llm(args: argparse.Namespace):
     from nextok.llm import LLM
+
+    if getattr(args, "verbose", False):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("nextok: %(message)s"))
+        log = logging.getLogger("nextok")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
     return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=kv_cache_bytes(args),
                compile=args.compile, revision=args.revision, gguf_file=args.gguf_file)
