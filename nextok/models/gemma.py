@@ -23,7 +23,7 @@ from torch import nn
 from nextok.kernels import ops
 from nextok.models.attention import AttentionMetadata, LayerKV, attend
 from nextok.models.hf_config import layer_windows, rope_settings, sliding_layers
-from nextok.models.llama import fuse_linears
+from nextok.models.llama import RotaryEmbedding, base_inv_freq, fuse_linears
 
 # transformers' defaults where config.json leaves a value out
 _DEFAULTS = {
@@ -130,22 +130,11 @@ def language_model_weights(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Rotary inverse frequencies, made on the CPU even while the model is built on the meta device."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    """Rotary inverse frequencies, with Gemma 3's "linear" scaling where the config asks for it."""
+    inv_freq = base_inv_freq(dim, theta)
     if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
         inv_freq = inv_freq / scaling["factor"]
     return inv_freq
-
-
-class GemmaRotaryEmbedding(nn.Module):
-    def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.register_buffer("inv_freq", _inv_freq(dim, theta, scaling), persistent=False)
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device)  # (N, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
-        return emb.cos(), emb.sin()  # (N, D) float32 each
 
 
 class GemmaRMSNorm(nn.Module):
@@ -245,9 +234,9 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = GemmaRotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary_emb = RotaryEmbedding(_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
         if config.rope_local_theta is not None:  # Gemma 3's sliding-window layers
-            self.rotary_emb_local = GemmaRotaryEmbedding(config.head_dim, config.rope_local_theta)
+            self.rotary_emb_local = RotaryEmbedding(_inv_freq(config.head_dim, config.rope_local_theta, None))
 
 
 class GemmaForCausalLM(nn.Module):

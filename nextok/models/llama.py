@@ -89,9 +89,14 @@ class LlamaConfig:
         )
 
 
+def base_inv_freq(dim: int, theta: float) -> torch.Tensor:
+    """Rotary inverse frequencies theta^(-2i/dim), made on the CPU even while a model is built on the meta device."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+
+
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = base_inv_freq(dim, config.rope_theta)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
         factor = scaling["factor"]
@@ -108,9 +113,11 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    """cos and sin of positions times the given inverse frequencies (rope_inv_freq for Llama-family configs)."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # (N, D/2)
@@ -246,7 +253,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
+        self.rotary_emb = RotaryEmbedding(rope_inv_freq(config))
 
 
 class _WeightChanges:

@@ -12,7 +12,7 @@ from nextok.models.attention import AttentionMetadata, LayerKV
 from nextok.models.gemma import GemmaConfig, GemmaForCausalLM, language_model_weights
 from nextok.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from nextok.models.linear import keep_quantized, keeps_blocks, layout_linears, quantized_layers, reads_float32
-from nextok.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
+from nextok.models.llama import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, rope_inv_freq
 
 
 class CausalLM(Protocol):
@@ -120,7 +120,7 @@ def build_model(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
         model.lm_head.weight = _embedding(model).weight
     keep_quantized(model, kept, dtype)
     if isinstance(model, LlamaForCausalLM):  # the rotary frequencies are not in the checkpoint: build them
-        model.model.rotary_emb = RotaryEmbedding(model.config)
+        model.model.rotary_emb = RotaryEmbedding(rope_inv_freq(model.config))
     model.eval().requires_grad_(False)
     if fuse and hasattr(model, "fuse"):
         model.fuse()
