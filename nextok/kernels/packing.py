@@ -37,11 +37,44 @@ def unpack_weight(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float
 
 
 # float32 weights in the block formats of csrc/blocks.h, named by their bytes per (16 columns x 32 k) group
-GROUP = 32
-FORMAT_Q4, FORMAT_Q8, FORMAT_Q8X = 1, 2, 3  # csrc/nextok.h
-GROUP_BYTES = {FORMAT_Q4: 384, FORMAT_Q8: 576, FORMAT_Q8X: 768}
-Q4_GROUP_BYTES, Q8_GROUP_BYTES, Q8X_GROUP_BYTES = GROUP_BYTES.values()
+# (Q4K, Q8K: a super-block of 8 groups over 8)
+GROUP, SUPER = 32, 256
+FORMAT_Q4, FORMAT_Q8, FORMAT_Q8X, FORMAT_Q4K, FORMAT_Q8K = 1, 2, 3, 4, 5  # csrc/nextok.h
+GROUP_BYTES = {FORMAT_Q4: 384, FORMAT_Q8: 576, FORMAT_Q8X: 768, FORMAT_Q4K: 296, FORMAT_Q8K: 584}
+Q4_GROUP_BYTES, Q8_GROUP_BYTES, Q8X_GROUP_BYTES = GROUP_BYTES[FORMAT_Q4], GROUP_BYTES[FORMAT_Q8], GROUP_BYTES[FORMAT_Q8X]
 _BLOCK_FORMATS = {size: fmt for fmt, size in GROUP_BYTES.items()}
+_K_FORMATS = {FORMAT_Q4K: FORMAT_Q4, FORMAT_Q8K: FORMAT_Q8X}  # each K-quant format and the one with its q bytes
+
+
+def common_format(formats: set[int]) -> int:
+    """The smallest block format that holds groups of all of `formats`: theirs where they agree, Q8K for
+    K-quants, Q4 for Q4K with Q4 (float32 scales), else Q8X (which holds every format)."""
+    if len(formats) == 1:
+        return next(iter(formats))
+    if formats <= set(_K_FORMATS):
+        return FORMAT_Q8K
+    bases = {_K_FORMATS.get(f, f) for f in formats}
+    return bases.pop() if len(bases) == 1 else FORMAT_Q8X
+
+
+@dataclass(frozen=True)
+class SuperScales:
+    """What a K-quant (Q4_K, Q5_K, Q6_K) stores of its groups' scales and minimums: per 256 k a float16 `d`
+    and `dmin`, per group small integers `sc` and `m`, with scale == d * sc and minimum == -(dmin * m), both
+    exact float32 products. The FORMAT_Q4K / FORMAT_Q8K kernels read these instead of float32 scales."""
+
+    d: torch.Tensor  # (N, K // 256) float32 holding float16 values
+    dmin: torch.Tensor  # (N, K // 256) float32 holding float16 values (0 where the type has no minimum)
+    sc: torch.Tensor  # (N, K // size) int16: 0..63 (Q4_K, Q5_K) or -128..127 (Q6_K)
+    m: torch.Tensor  # (N, K // size) int16: 0..63 (0 where the type has no minimum)
+
+    @staticmethod
+    def cat(parts: list[SuperScales]) -> SuperScales:
+        return SuperScales(*(torch.cat([getattr(p, f) for p in parts]) for f in ("d", "dmin", "sc", "m")))
+
+    def halved(self) -> SuperScales:
+        """The same with sc and m given per 16 k (each twice) instead of per 32."""
+        return SuperScales(self.d, self.dmin, self.sc.repeat_interleave(2, dim=1), self.m.repeat_interleave(2, dim=1))
 
 
 @dataclass
@@ -60,31 +93,46 @@ class Groups:
     minimum: torch.Tensor | None  # (N, K // size) float32
     size: int  # weights along k per scale: 32 or 16
     format: int
+    factors: SuperScales | None = None  # K-quants: the scales' float16 and integer factors
 
     @staticmethod
     def cat(parts: list[Groups], fmt: int | None = None) -> Groups:
-        """The rows of `parts` one after another in format `fmt` (default: theirs, or Q8X where they differ)."""
+        """The rows of `parts` one after another in format `fmt` (default: common_format of theirs)."""
         formats = {part.format for part in parts}
-        fmt = fmt or (formats.pop() if len(formats) == 1 else FORMAT_Q8X)
-        if fmt == FORMAT_Q8X:
-            parts = [part.widened() for part in parts]
-        elif any(part.format != fmt for part in parts):
-            raise ValueError(f"Groups.cat: groups of formats {sorted(formats)} do not fit format {fmt}")
+        fmt = fmt or common_format(formats)
+        parts = [part.held_in(fmt) for part in parts]
         first = parts[0]
         if len(parts) == 1:
             return first
         minimum = None if first.minimum is None else torch.cat([part.minimum for part in parts])
+        factors = None if first.factors is None else SuperScales.cat([part.factors for part in parts])
         return Groups(torch.cat([part.q for part in parts]), torch.cat([part.scale for part in parts]), minimum,
-                      first.size, first.format)
+                      first.size, first.format, factors)
 
-    def widened(self) -> Groups:
-        """The same weights in FORMAT_Q8X: a scale and a minimum per 16 along k (every format holds them so)."""
+    def held_in(self, fmt: int) -> Groups:
+        """The same weights as groups of format `fmt` (ValueError where that format cannot hold them)."""
+        if fmt in (FORMAT_Q8X, FORMAT_Q8K):
+            return self.widened(fmt)
+        if fmt == self.format:
+            return self
+        if _K_FORMATS.get(self.format) == fmt:  # a K-quant's float32 scales are all FORMAT_Q4 needs
+            return Groups(self.q, self.scale, self.minimum, self.size, fmt)
+        raise ValueError(f"Groups.held_in: format {self.format} groups do not fit format {fmt}")
+
+    def widened(self, fmt: int = FORMAT_Q8X) -> Groups:
+        """The same weights with a scale and a minimum per 16 along k, which every format holds, in FORMAT_Q8X
+        (float32 scales) or FORMAT_Q8K (a K-quant's factors kept)."""
+        if fmt == FORMAT_Q8K and self.factors is None:
+            raise ValueError(f"Groups.widened: format {self.format} groups have no K-quant factors for FORMAT_Q8K")
         scale = self.scale if self.size == 16 else self.scale.repeat_interleave(2, dim=1)
         if self.minimum is None:
             minimum = torch.zeros_like(scale)
         else:
             minimum = self.minimum if self.size == 16 else self.minimum.repeat_interleave(2, dim=1)
-        return Groups(self.q, scale, minimum, 16, FORMAT_Q8X)
+        factors = None
+        if fmt == FORMAT_Q8K:
+            factors = self.factors if self.size == 16 else self.factors.halved()
+        return Groups(self.q, scale, minimum, 16, fmt, factors)
 
 
 def pack_groups(groups: Groups, dtype: torch.dtype = torch.float32,
@@ -97,6 +145,8 @@ def pack_groups(groups: Groups, dtype: torch.dtype = torch.float32,
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"pack_groups: products in {dtype} have no block format (float32 or bfloat16)")
+    if groups.format in _K_FORMATS:
+        return _pack_super_blocks(groups, dtype, out)
     if groups.format == FORMAT_Q8X and (groups.size != 16 or groups.minimum is None):
         groups = groups.widened()
     n, k = groups.q.shape
@@ -135,6 +185,55 @@ def pack_groups(groups: Groups, dtype: torch.dtype = torch.float32,
         units = staged.view(np.uint8).reshape(blocks, n_groups, GROUP // 2, 16, 2)
         np.copyto(_split(q_bytes, (blocks, n_groups, GROUP // 2, 2, 16)), units.transpose(0, 1, 2, 4, 3))
     return out
+
+
+def _pack_super_blocks(groups: Groups, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """pack_groups for FORMAT_Q4K / FORMAT_Q8K: per column block and 256 k, d[16] and -dmin[16] as float16,
+    then per group sc and m (Q8K: per half) and the q bytes the format's FORMAT_Q4 / FORMAT_Q8X would hold."""
+    fmt = groups.format
+    if groups.factors is None or (groups.minimum is None and fmt == FORMAT_Q4K):
+        raise ValueError(f"pack_groups: format {fmt} needs groups with K-quant factors (gguf_blocks.decode gives them)")
+    if fmt == FORMAT_Q8K and groups.size != 16:
+        groups = groups.widened(FORMAT_Q8K)
+    n, k = groups.q.shape
+    if k % SUPER:
+        raise ValueError(f"pack_groups: format {fmt} needs k a multiple of {SUPER}, not {k}")
+    n_groups, n_super, blocks = k // GROUP, k // SUPER, (n + 31) // 32 * 2
+    if out is None:
+        out = torch.empty(blocks, n_groups, GROUP_BYTES[fmt], dtype=torch.uint8)
+    if out.shape != (blocks, n_groups, GROUP_BYTES[fmt]) or not out.is_contiguous():
+        raise ValueError(f"pack_groups: out {tuple(out.shape)} does not fit {n} x {k} weights (format {fmt})")
+    base = pack_groups(Groups(groups.q, groups.scale, groups.minimum, groups.size, _K_FORMATS[fmt]), dtype).numpy()
+    q_bytes = base[..., base.shape[-1] - (256 if fmt == FORMAT_Q4K else 512):]  # (blocks, groups, q bytes)
+    halves, f = GROUP // groups.size, groups.factors  # sc and m per group and column
+    o = out.numpy().reshape(blocks, n_super, 8 * GROUP_BYTES[fmt])
+    for at, v in ((0, f.d), (32, -f.dmin)):  # (rows, super-blocks) -> per block and super-block: [column] float16
+        _fill(o[..., at:at + 32].view(np.float16), v.numpy().astype(np.float16), n, (blocks, 16, n_super), (0, 2, 1))
+    per_group = _split(o[..., 64:], (blocks, n_super, 8, GROUP_BYTES[fmt] - 8))  # 8 bytes a group went to d, dmin
+    s = 16 * halves
+    sc_type = np.int8 if fmt == FORMAT_Q8K else np.uint8
+    for at, v, t in ((0, f.sc, sc_type), (s, f.m, np.uint8)):  # (rows, groups * halves) -> [half][column]
+        _fill(_split(per_group[..., at:at + s].view(t), (blocks, n_super, 8, halves, 16)), v.numpy().astype(t), n,
+              (blocks, 16, n_super, 8, halves), (0, 2, 3, 4, 1))
+    np.copyto(per_group[..., 2 * s:], q_bytes.reshape(blocks, n_super, 8, -1))
+    return out
+
+
+def _unpack_super_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """A FORMAT_Q4K / FORMAT_Q8K matrix in the FORMAT_Q4 / FORMAT_Q8X layout of the same values."""
+    blocks, n_groups, size = packed.shape
+    fmt = _BLOCK_FORMATS[size]
+    n_super, halves = n_groups // 8, 2 if fmt == FORMAT_Q8K else 1
+    o = packed.numpy().reshape(blocks, n_super, 8 * size)
+    d, neg_dmin = (o[..., at:at + 32].view(np.float16).astype(np.float32)[:, :, None, None, :] for at in (0, 32))
+    per_group = o[..., 64:].reshape(blocks, n_super, 8, -1)
+    s = 16 * halves
+    sc = per_group[..., :s].view(np.int8 if fmt == FORMAT_Q8K else np.uint8).reshape(blocks, n_super, 8, halves, 16)
+    m = per_group[..., s:2 * s].reshape(blocks, n_super, 8, halves, 16)
+    scale, minimum = d * sc.astype(np.float32), neg_dmin * m.astype(np.float32)
+    head = [v.reshape(blocks, n_groups, -1).view(np.uint8) for v in (scale, minimum)]
+    q_bytes = per_group[..., 2 * s:].reshape(blocks, n_groups, -1)
+    return torch.from_numpy(np.concatenate([*head, q_bytes], axis=-1))
 
 
 def _split(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -218,6 +317,8 @@ def unpack_blocks(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float
     Computes q * scale + minimum in float32, which is the kernels' FMA wherever q * scale is exact
     (every GGUF type) or the minimum is 0.
     """
+    if _BLOCK_FORMATS[packed.shape[-1]] in _K_FORMATS:
+        packed = _unpack_super_blocks(packed)
     blocks, n_groups, size = packed.shape
     fmt = _BLOCK_FORMATS[size]
     halves = 2 if fmt == FORMAT_Q8X else 1  # scales (and minimums) per group and column

@@ -11,6 +11,7 @@ bit for bit. Q4_0 becomes q * d - 8d; Q5_0 the signed q - 16 with d; Q6_K the si
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +20,11 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from nextok.kernels.packing import FORMAT_Q4, FORMAT_Q8, FORMAT_Q8X, Groups
+from nextok.kernels.packing import FORMAT_Q4, FORMAT_Q4K, FORMAT_Q8, FORMAT_Q8K, FORMAT_Q8X, Groups, SuperScales
 
 # The quantization types read as groups, and the block format each fits alone.
-BLOCK_TYPES: dict[Q, int] = {Q.Q4_0: FORMAT_Q4, Q.Q4_1: FORMAT_Q4, Q.Q4_K: FORMAT_Q4, Q.Q8_0: FORMAT_Q8,
-                             Q.Q5_0: FORMAT_Q8, Q.Q5_1: FORMAT_Q8X, Q.Q5_K: FORMAT_Q8X, Q.Q6_K: FORMAT_Q8X}
+BLOCK_TYPES: dict[Q, int] = {Q.Q4_0: FORMAT_Q4, Q.Q4_1: FORMAT_Q4, Q.Q4_K: FORMAT_Q4K, Q.Q8_0: FORMAT_Q8,
+                             Q.Q5_0: FORMAT_Q8, Q.Q5_1: FORMAT_Q8X, Q.Q5_K: FORMAT_Q8K, Q.Q6_K: FORMAT_Q8K}
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,29 @@ class QuantizedWeight:
         values = dequantize_rows(self.raw[index], self.qtype, (len(index), self.shape[1]))
         return torch.from_numpy(values).view(*rows.shape, self.shape[1])
 
+    def drop_pages(self) -> None:
+        """Lets the OS take back the file's pages these blocks were read from (see `drop_pages`)."""
+        drop_pages(self.raw)
+
     def in_memory(self) -> QuantizedWeight:
         """The same weight with its blocks copied out of the file (which may then change or go)."""
         return QuantizedWeight(np.array(self.raw), self.qtype, self.shape)
+
+
+def drop_pages(raw: np.ndarray) -> None:
+    """Gives back to the OS the pages of the memory-mapped file that `raw` (a view of it) has read: once a
+    matrix is packed, its blocks need not count in the process's memory while the next ones load. The
+    pages stay in the page cache, and a later read maps them again. Arrays not backed by a map: nothing."""
+    base = raw
+    while isinstance(base, np.ndarray) and not isinstance(base.base, mmap.mmap):
+        base = base.base
+    if not isinstance(base, np.memmap) or base.offset != 0 or not raw.size:
+        return
+    start = raw.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    end = start + raw.nbytes if raw.flags.c_contiguous else base.nbytes
+    lo, hi = start // mmap.PAGESIZE * mmap.PAGESIZE, min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, len(base.base))
+    if hasattr(base.base, "madvise") and hi > lo:
+        base.base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def decode(raw: np.ndarray, qtype: Q) -> Groups | None:
@@ -66,15 +87,18 @@ def decode(raw: np.ndarray, qtype: Q) -> Groups | None:
     block, type_size = GGML_QUANT_SIZES[qtype]
     n = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(-1, type_size)  # (blocks, bytes a block)
-    q, scale, minimum = _DECODERS[qtype](b)
     with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and the like: refused below
+        q, scale, minimum, *factors = _DECODERS[qtype](b)
         finite = np.isfinite(scale).all() and (minimum is None or np.isfinite(minimum).all())
-    if not finite:
+    if not finite:  # (then d and dmin are finite too: an infinite one gives an infinite or NaN product)
         return None
     size = block // scale.shape[1]
     minimum = None if minimum is None else torch.from_numpy(minimum.reshape(n, -1))
+    super_scales = None
+    if factors:  # a K-quant: d, dmin (blocks, 1) and sc, m (blocks, groups of a block)
+        super_scales = SuperScales(*(torch.from_numpy(np.ascontiguousarray(f).reshape(n, -1)) for f in factors))
     return Groups(torch.from_numpy(q.reshape(n, -1)), torch.from_numpy(scale.reshape(n, -1)), minimum, size,
-                  BLOCK_TYPES[qtype])
+                  BLOCK_TYPES[qtype], super_scales)
 
 
 def _f16(b: np.ndarray, at: int) -> np.ndarray:
@@ -134,9 +158,12 @@ def _scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _k_scales(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q4_K / Q5_K: scale d sc and minimum -(dmin m) of the 8 sub-blocks (value = (d sc) q - dmin m), then
+    their factors d, dmin, sc, m."""
     sc, mn = _scale_min(b[:, 4:16])
-    return _f16(b, 0) * sc, -(_f16(b, 2) * mn)  # value = (d sc) q - dmin m
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    return d * sc, -(dmin * mn), d, dmin, sc.astype(np.int16), mn.astype(np.int16)
 
 
 def _q4_k(b):
@@ -155,7 +182,8 @@ def _q6_k(b):
     high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3  # 128 h + 32 s + e: bits 2s of 32 h + e
     q = _add_high(q.reshape(-1, 2, 4, 32), high)
     q -= 32
-    return q, _f16(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32), None
+    d, sc = _f16(b, 208), b[:, 192:208].view(np.int8).astype(np.int16)  # 16 sub-blocks of 16, no minimum
+    return q, d * sc.astype(np.float32), None, d, np.zeros_like(d), sc, np.zeros_like(sc)
 
 
 _DECODERS = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q8_0: _q8_0, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q4_K: _q4_k,

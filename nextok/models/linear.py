@@ -26,7 +26,7 @@ from torch import nn
 from nextok.kernels import has
 from nextok.kernels.fused import LinearWeights
 from nextok.kernels.ops import packed_linear
-from nextok.kernels.packing import FORMAT_Q8X, GROUP_BYTES, Groups, pack_blocks, pack_groups, pack_weight, \
+from nextok.kernels.packing import GROUP_BYTES, common_format, Groups, pack_blocks, pack_groups, pack_weight, \
     unpack_weight
 
 _WINDOW_WEIGHTS = 1 << 22  # QuantizedLinear.pack decodes and packs about this many weights at a time
@@ -71,7 +71,7 @@ class QuantizedLinear(nn.Module):
         where a group fits none (a scale that is not finite). Packed a few million weights at a time, so
         that no dense copy of W is made and the temporaries stay small."""
         formats = {part.format for part in self.parts}
-        fmt = formats.pop() if len(formats) == 1 else FORMAT_Q8X
+        fmt = common_format(formats)
         n, k = self.out_features, self.in_features
         out = torch.empty((n + 31) // 32 * 2, k // 32, GROUP_BYTES[fmt], dtype=torch.uint8)
         window = max(32, _WINDOW_WEIGHTS // k // 32 * 32)  # rows packed at a time, a multiple of 32
@@ -88,7 +88,10 @@ class QuantizedLinear(nn.Module):
             return True
 
         with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:  # numpy lets go of the GIL
-            return out if all(pool.map(pack_window, range(0, n, window))) else None
+            packed = all(pool.map(pack_window, range(0, n, window)))
+        for part in self.parts:
+            part.drop_pages()  # packed: its blocks need not stay in memory
+        return out if packed else None
 
 
 class QuantizedEmbedding(nn.Module):

@@ -76,3 +76,12 @@ def test_groups_of_several_formats_cat_into_q8x():
     assert same.format == FORMAT_Q4 and torch.equal(dense(same), torch.cat([dense(parts[0])] * 2))
     with pytest.raises(ValueError, match="do not fit"):
         Groups.cat(parts[:2], FORMAT_Q4)
+
+
+def test_common_format_is_the_smallest_that_holds_every_part():
+    f = packing
+    assert f.common_format({f.FORMAT_Q4K}) == f.FORMAT_Q4K
+    assert f.common_format({f.FORMAT_Q4K, f.FORMAT_Q8K}) == f.FORMAT_Q8K  # Q4_K_M's q/k with v
+    assert f.common_format({f.FORMAT_Q4K, f.FORMAT_Q4}) == f.FORMAT_Q4  # float32 scales hold both
+    assert f.common_format({f.FORMAT_Q4K, f.FORMAT_Q8}) == f.FORMAT_Q8X
+    assert f.common_format({f.FORMAT_Q8, f.FORMAT_Q4}) == f.FORMAT_Q8X

@@ -110,7 +110,8 @@ def test_fused_parts_keep_their_blocks(dtype, monkeypatch):
     monkeypatch.setattr(linear, "_WINDOW_WEIGHTS", 32 * 256)  # windows of 32 rows
     k = 256
     for types, fmt in (([Q.Q4_K, Q.Q6_K, Q.Q8_0], packing.FORMAT_Q8X), ([Q.Q8_0, Q.Q5_0], packing.FORMAT_Q8),
-                       ([Q.Q4_K, Q.Q4_0, Q.Q4_1], packing.FORMAT_Q4)):
+                       ([Q.Q4_K, Q.Q4_0, Q.Q4_1], packing.FORMAT_Q4), ([Q.Q4_K, Q.Q6_K, Q.Q5_K], packing.FORMAT_Q8K),
+                       ([Q.Q4_K, Q.Q4_K], packing.FORMAT_Q4K)):
         parts = [random_blocks(q, rows, k, seed=rows, amplitude=1.0) for q, rows in zip(types, (48, 16, 40))]
         layers = [QuantizedLinear([QuantizedWeight(raw, q, (len(raw), k))], None) for raw, q in zip(parts, types)]
         fused = PackedLinear(QuantizedLinear.fuse(*layers), dtype)
@@ -183,10 +184,10 @@ def test_a_k_quant_llama_decodes_as_the_dense_model(dtype, tie, tmp_path, monkey
     kept = LLM(str(path), dtype=dtype, kv_cache_memory=16 << 20)
     formats = {name: packing.block_format(m.packed) for name, m in kept.model.named_modules()
                if isinstance(m, PackedLinear)}
-    assert formats["model.layers.0.self_attn.qkv_proj"] == packing.FORMAT_Q8X  # Q4_K, Q4_K and Q6_K
-    assert formats["model.layers.0.mlp.gate_up_proj"] == packing.FORMAT_Q4  # Q4_K
+    assert formats["model.layers.0.self_attn.qkv_proj"] == packing.FORMAT_Q8K  # Q4_K, Q4_K and Q6_K
+    assert formats["model.layers.0.mlp.gate_up_proj"] == packing.FORMAT_Q4K  # Q4_K
     assert formats["model.layers.1.self_attn.o_proj"] == packing.FORMAT_Q8  # Q5_0
-    assert formats["lm_head"] == packing.FORMAT_Q8X  # Q6_K (tied: the embedding's blocks)
+    assert formats["lm_head"] == packing.FORMAT_Q8K  # Q6_K (tied: the embedding's blocks)
     assert isinstance(kept.model.model.embed_tokens, QuantizedEmbedding)  # rows dequantized as looked up
     monkeypatch.setattr(llm_module, "keeps_blocks", lambda *args: False)
     dense = LLM(str(path), dtype=dtype, kv_cache_memory=16 << 20)

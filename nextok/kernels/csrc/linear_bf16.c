@@ -75,7 +75,8 @@ ALWAYS_INLINE void tile_bf16(const bf16* x, int64_t K, const bf16* w, bf16* y, i
 
 int linear_bf16(const bf16* x, const void* packed, int format, const bf16* bias, bf16* y, int64_t M, int64_t K,
                 int64_t N, int threads) {
-  if (!known_format(format) || K % 2 || (format != FORMAT_DENSE && K % CHUNK)) return NEXTOK_EINVAL;
+  if (!known_format(format) || K % 2 || (format != FORMAT_DENSE && K % (super_blocks(format) ? 8 * CHUNK : CHUNK)))
+    return NEXTOK_EINVAL;
   if (use_amx(M, K, 1)) return linear_amx(x, packed, format, NULL, bias, y, M, K, N, threads);
   int64_t pairs = (N + 31) / 32;
   int failed = 0;

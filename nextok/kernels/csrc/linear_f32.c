@@ -199,7 +199,15 @@ ALWAYS_INLINE void pair_tiles_f32(const float* x, int64_t K, const char* w0, con
       case FORMAT_Q8X * 8 + 1: tile_f32(xm, K, w0, w1, ym, N, n, bias, 1, FORMAT_Q8X, NULL); break;
       case FORMAT_Q8X * 8 + 2: tile_f32(xm, K, w0, w1, ym, N, n, bias, 2, FORMAT_Q8X, NULL); break;
       case FORMAT_Q8X * 8 + 3: tile_f32(xm, K, w0, w1, ym, N, n, bias, 3, FORMAT_Q8X, NULL); break;
-      default: tile_f32(xm, K, w0, w1, ym, N, n, bias, 4, FORMAT_Q8X, NULL); break;
+      case FORMAT_Q8X * 8 + 4: tile_f32(xm, K, w0, w1, ym, N, n, bias, 4, FORMAT_Q8X, NULL); break;
+      case FORMAT_Q4K * 8 + 1: tile_f32(xm, K, w0, w1, ym, N, n, bias, 1, FORMAT_Q4K, NULL); break;
+      case FORMAT_Q4K * 8 + 2: tile_f32(xm, K, w0, w1, ym, N, n, bias, 2, FORMAT_Q4K, NULL); break;
+      case FORMAT_Q4K * 8 + 3: tile_f32(xm, K, w0, w1, ym, N, n, bias, 3, FORMAT_Q4K, NULL); break;
+      case FORMAT_Q4K * 8 + 4: tile_f32(xm, K, w0, w1, ym, N, n, bias, 4, FORMAT_Q4K, NULL); break;
+      case FORMAT_Q8K * 8 + 1: tile_f32(xm, K, w0, w1, ym, N, n, bias, 1, FORMAT_Q8K, NULL); break;
+      case FORMAT_Q8K * 8 + 2: tile_f32(xm, K, w0, w1, ym, N, n, bias, 2, FORMAT_Q8K, NULL); break;
+      case FORMAT_Q8K * 8 + 3: tile_f32(xm, K, w0, w1, ym, N, n, bias, 3, FORMAT_Q8K, NULL); break;
+      default: tile_f32(xm, K, w0, w1, ym, N, n, bias, 4, FORMAT_Q8K, NULL); break;
     }
   }
 }
@@ -215,7 +223,11 @@ ALWAYS_INLINE void tile56_f32(const float* x, int64_t K, const char* w0, const c
     case FORMAT_Q8 * 8 + 5: tile_f32(x, K, w0, w1, y, N, n, bias, 5, FORMAT_Q8, spill); break;
     case FORMAT_Q8 * 8 + 6: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q8, spill); break;
     case FORMAT_Q8X * 8 + 5: tile_f32(x, K, w0, w1, y, N, n, bias, 5, FORMAT_Q8X, spill); break;
-    default: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q8X, spill); break;
+    case FORMAT_Q8X * 8 + 6: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q8X, spill); break;
+    case FORMAT_Q4K * 8 + 5: tile_f32(x, K, w0, w1, y, N, n, bias, 5, FORMAT_Q4K, spill); break;
+    case FORMAT_Q4K * 8 + 6: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q4K, spill); break;
+    case FORMAT_Q8K * 8 + 5: tile_f32(x, K, w0, w1, y, N, n, bias, 5, FORMAT_Q8K, spill); break;
+    default: tile_f32(x, K, w0, w1, y, N, n, bias, 6, FORMAT_Q8K, spill); break;
   }
 }
 
@@ -244,9 +256,15 @@ static void pair_f32(const float* x, const char* w0, int F, const float* bias, f
     } else if (F == FORMAT_Q8) {
       tile1_any_f32(x, K, NULL, w0, y, N, n, bias, (int)M, FORMAT_Q8);
       tile1_any_f32(x, K, NULL, w1, y, N, n + 16, bias, (int)M, FORMAT_Q8);
-    } else {
+    } else if (F == FORMAT_Q8X) {
       tile1_any_f32(x, K, NULL, w0, y, N, n, bias, (int)M, FORMAT_Q8X);
       tile1_any_f32(x, K, NULL, w1, y, N, n + 16, bias, (int)M, FORMAT_Q8X);
+    } else if (F == FORMAT_Q4K) {
+      tile1_any_f32(x, K, NULL, w0, y, N, n, bias, (int)M, FORMAT_Q4K);
+      tile1_any_f32(x, K, NULL, w1, y, N, n + 16, bias, (int)M, FORMAT_Q4K);
+    } else {
+      tile1_any_f32(x, K, NULL, w0, y, N, n, bias, (int)M, FORMAT_Q8K);
+      tile1_any_f32(x, K, NULL, w1, y, N, n + 16, bias, (int)M, FORMAT_Q8K);
     }
     return;
   }
@@ -262,7 +280,8 @@ static void pair_f32(const float* x, const char* w0, int F, const float* bias, f
 
 int linear_f32(const float* x, const void* packed, int format, const float* bias, float* y, int64_t M, int64_t K,
                int64_t N, int threads) {
-  if (!known_format(format) || (format != FORMAT_DENSE && K % CHUNK)) return NEXTOK_EINVAL;
+  if (!known_format(format) || (format != FORMAT_DENSE && K % (super_blocks(format) ? 8 * CHUNK : CHUNK)))
+    return NEXTOK_EINVAL;
   int64_t pairs = (N + 31) / 32, stride = block_stride_f32(K, format);
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

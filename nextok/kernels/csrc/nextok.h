@@ -23,8 +23,9 @@ typedef uint16_t bf16;
 enum { NEXTOK_OK = 0, NEXTOK_ENOMEM = -1, NEXTOK_EINVAL = -2 };
 
 // Weight formats of a packed matrix (packing.py): dense, or groups of 32 weights along k that share a
-// scale and a minimum (Q8X: one of each per 16 weights), as GGUF checkpoints store them (blocks.h).
-enum { FORMAT_DENSE = 0, FORMAT_Q4 = 1, FORMAT_Q8 = 2, FORMAT_Q8X = 3 };
+// scale and a minimum (Q8X: one of each per 16 weights), as GGUF checkpoints store them (blocks.h);
+// Q4K and Q8K keep a K-quant's scales as its small integers under a float16 factor per 256 k.
+enum { FORMAT_DENSE = 0, FORMAT_Q4 = 1, FORMAT_Q8 = 2, FORMAT_Q8X = 3, FORMAT_Q4K = 4, FORMAT_Q8K = 5 };
 
 #define MAX_HEAD_DIM 256  // attention keeps a head's query and output in registers
 
